@@ -1,0 +1,170 @@
+"""masq-queue: put one message into the spool, and show or change the queue.
+
+Usage:
+  masq-queue [-C FILE]
+  masq-queue list [-C FILE]
+  masq-queue show [-C FILE] ID
+  masq-queue remove [-C FILE] ID...
+  masq-queue hold [-C FILE] ID...
+  masq-queue release [-C FILE] ID...
+  masq-queue check [-C FILE] [--repair]
+  masq-queue -h | --help
+
+Options:
+  -C FILE   Read this configuration instead of $MASQ_CONF.
+  --repair  Remove orphans and set aside unreadable files.
+  -h --help  Show this.
+
+Without a command: the message comes on fd 0, the envelope on fd 1
+(F<sender>\\0 T<rcpt>\\0 ... \\0), trace data in MASQ_PROTO, MASQ_CLIENT,
+MASQ_CLIENT_NAME, MASQ_HELO, MASQ_AUTH, MASQ_USER and MASQ_FOR.  Exit 0 only once the
+message is durable.  Exit codes: masq-queue(8).
+"""
+import os
+import sys
+import time
+
+from masq import Error, program
+from masq.program import Exit
+
+TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
+             "client_name": "MASQ_CLIENT_NAME", "helo": "MASQ_HELO",
+             "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR"}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (len(argv) == 2 and argv[0] == "-C"):
+        # the chain's path: no docopt, it costs more than the rest of the work
+        return enqueue_from_fds(argv[1] if argv else None)
+    args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
+    if args["-C"] is None and not any(args[c] for c in (
+            "list", "show", "remove", "hold", "release", "check")):
+        return enqueue_from_fds(None)
+    from masq import config, spool
+    conf = config.load(args["-C"])
+    queue = spool.Spool(conf.path("spool"))
+    if args["list"]:
+        sys.stdout.writelines(describe(queue))
+        return Exit.OK
+    if args["show"]:
+        return show(queue, args["ID"][0])
+    if args["check"]:
+        problems = list(spool.check(queue, repair=args["--repair"]))
+        for line in problems:
+            print(line)
+        if problems and not args["--repair"]:
+            return Exit.DATAERR
+        return Exit.OK
+    return change(conf, queue, args)
+
+
+def enqueue_from_fds(conf_file):
+    """The chain's job: message on fd 0, envelope on fd 1, then durable."""
+    from masq import config, envelope
+    conf = config.load(conf_file)
+    trace = {word: os.environ[var] for word, var in TRACE_ENV.items() if os.environ.get(var)}
+    with open(0, "rb", buffering=0, closefd=False) as stream:
+        enqueue(conf, stream, lambda: envelope.read(1), trace)
+    return Exit.OK
+
+
+def enqueue(conf, stream, env, trace, queue=None):
+    """Write one message under its Received line; return the queue id.
+
+    `env` is the Envelope, or a function that reads it once the message has
+    been read (the descriptor order of qmail-queue).
+    """
+    from masq import message, spool
+    queue = queue or spool.Spool(conf.path("spool"))
+    with queue.new_message(conf.get("max_size")) as new:
+        new.write(message.received(new.id, conf.hostname, trace))
+        new.copy_from(stream)
+        if callable(env):
+            env = env()
+        qid = new.commit(env, trace)
+    queue.trigger()
+    return qid
+
+
+def describe(queue):
+    """What mailq prints: one block per message."""
+    from masq import spool
+    lines, count = [], 0
+    for stage in spool.STAGES:
+        for qid in queue.ids(stage):
+            try:
+                msg = spool.Message(queue, stage, qid)
+            except FileNotFoundError:
+                continue
+            except spool.FormatError as e:
+                lines.append(f"{qid:<24}  unreadable: {e}\n")
+                continue
+            count += 1
+            mark = {"incoming": " ", "active": "*", "hold": "!"}[stage]
+            when = time.strftime("%a %b %d %H:%M:%S", time.localtime(msg.arrived))
+            sender = msg.sender or "<>"
+            lines.append(f"{qid + mark:<24} {msg.size:>9} {when}  {sender}\n")
+            for i, rcpt in enumerate(msg.recipients):
+                word, _, text = msg.state.get(i, ("", 0, ""))
+                note = f" ({word}: {text})" if word else ""
+                if word != "done":
+                    lines.append(f"{'':<55}{rcpt}{note}\n")
+    if not count and not lines:
+        return ["Mail queue is empty\n"]
+    header = "-Queue ID-              --Size-- ----Arrival Time----  -Sender/Recipient-------\n"
+    footer = f"-- {count} message{'s' if count != 1 else ''}; * active, ! on hold\n"
+    return [header, *lines, footer]
+
+
+def show(queue, qid):
+    """Print a message's envelope, state and data."""
+    msg = queue.find(qid)
+    out = sys.stdout.buffer
+    out.write(f"id {msg.id}\nstage {msg.stage}\nsender {msg.sender}\n".encode())
+    for i, rcpt in enumerate(msg.recipients):
+        word, when, text = msg.state.get(i, ("pending", 0, ""))
+        out.write(f"rcpt {rcpt} {word} {text}\n".rstrip().encode() + b"\n")
+    for word, value in msg.trace.items():
+        out.write(f"{word} {value}\n".encode())
+    out.write(b"\n")
+    with msg.open_data() as data:
+        while chunk := data.read(65536):
+            out.write(chunk)
+    return Exit.OK
+
+
+def change(conf, queue, args):
+    """remove, hold, release: each ID in turn; the exit code says if any failed."""
+    from masq import log
+    log.setup(conf)
+    status = Exit.OK
+    for qid in args["ID"]:
+        try:
+            msg = queue.find(qid)
+            if not msg.lock():
+                raise Error(f"{qid}: being delivered now; try again in a moment",
+                            code=Exit.TEMPFAIL)
+            if args["remove"]:
+                msg.remove()
+                log.event(qid, "removed by " + _who(), status="removed")
+            elif args["hold"]:
+                msg.move("hold")
+                log.event(qid, "held by " + _who(), status="hold")
+            elif msg.stage == "hold":
+                msg.move("incoming")
+                log.event(qid, "released by " + _who(), status="released")
+                queue.trigger()
+            msg.unlock()
+        except Error as e:
+            program._say(f"{program.name()}: {e}")
+            status = e.code
+    return status
+
+
+def _who():
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"

@@ -1,0 +1,71 @@
+"""Warnings to stderr, and one event line per happening, keyed by queue id.
+
+Event lines go where `log` in masq.toml says: a file (appended with one
+write(2) per line, so lines of concurrent programs never mix), "syslog" or
+"stderr".  A line looks like Postfix's:
+
+  2026-11-25T19:40:03Z masq-send[812]: 19abc-1f2: to=<bob@localhost> relay=local delay=0.21 status=sent (maildir)
+"""
+import os
+import sys
+import time
+
+from masq import program
+
+_target = None      # (kind, value): ("file", fd) | ("syslog", None) | ("stderr", None)
+
+
+def warn(text):
+    """`prog: warning: text` on stderr."""
+    program._say(f"{program.name()}: warning: {text}")
+
+
+def setup(conf):
+    """Send event lines where the configuration says."""
+    global _target
+    where = conf.get("log") or "stderr"
+    if where in ("stderr", "syslog"):
+        _target = (where, None)
+        if where == "syslog":
+            import syslog
+            syslog.openlog(program.name(), syslog.LOG_PID, syslog.LOG_MAIL)
+        return
+    try:
+        fd = os.open(conf.path(where, is_value=True),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        _target = ("file", fd)
+    except OSError as e:
+        warn(f"unable to open log {where}: {e.strerror}; logging to stderr")
+        _target = ("stderr", None)
+
+
+def event(qid, text, **fields):
+    """Log one event about queue id `qid`: `key=value ... (text)`."""
+    parts = [f"{k}={_clean(str(v))}" for k, v in fields.items() if v is not None]
+    if text:
+        parts.append(f"({_clean(text)})")
+    line(f"{qid}: " + " ".join(parts))
+
+
+def line(text):
+    """Log one line as it is."""
+    kind, fd = _target or ("stderr", None)
+    if kind == "syslog":
+        import syslog
+        syslog.syslog(syslog.LOG_INFO, text)
+        return
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data = f"{stamp} {program.name()}[{os.getpid()}]: {text}\n"
+    try:
+        if kind == "file":
+            os.write(fd, data.encode("utf-8", "replace"))
+        else:
+            sys.stderr.write(data)
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _clean(text):
+    """One line, printable: a log line is never split by what it quotes."""
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -1,0 +1,159 @@
+"""Exit codes, argument parsing and the frame every masq program runs in.
+
+Exit codes are the contract with the caller (DESIGN.md).  They are plain
+integers in a class, not an IntEnum: importing enum costs milliseconds that
+every `sendmail` call would pay.
+"""
+import os
+import sys
+
+from masq import Error
+
+
+class Exit:
+    """Exit codes: qmail's for the chain, sysexits(3) for people's commands."""
+
+    OK = 0
+    # chain programs (masq-local, masq-smtp, any pipe transport)
+    PERMANENT = 100
+    TEMPORARY = 111
+    # sysexits(3), for sendmail and the other commands people run
+    USAGE = 64
+    DATAERR = 65
+    NOINPUT = 66
+    NOUSER = 67
+    NOHOST = 68
+    UNAVAILABLE = 69
+    SOFTWARE = 70
+    OSERR = 71
+    OSFILE = 72
+    CANTCREAT = 73
+    IOERR = 74
+    TEMPFAIL = 75
+    PROTOCOL = 76
+    NOPERM = 77
+    CONFIG = 78
+
+
+# sysexits codes after which trying again can help; every other code from
+# 64 to 78 is permanent.  Unknown codes and signals are temporary: retrying is
+# safe, bouncing is not.
+_TEMPORARY_SYSEXITS = {70, 71, 72, 73, 74, 75, 78}
+_SYSEXITS_TEXT = {
+    64: "command line usage error", 65: "data format error",
+    66: "cannot open input", 67: "addressee unknown", 68: "host name unknown",
+    69: "service unavailable", 70: "internal software error",
+    71: "system error", 72: "critical OS file missing",
+    73: "cannot create output file", 74: "input/output error",
+    75: "temporary failure", 76: "remote error in protocol",
+    77: "permission denied", 78: "configuration error",
+}
+
+
+def classify(status):
+    """Turn a wait status code (as subprocess gives it) into (temporary, text).
+
+    `temporary` is None for success, True when retrying can help, False when
+    it cannot.  Negative values are deaths by signal.
+    """
+    if status == 0:
+        return None, "success"
+    if status < 0:
+        return True, f"killed by signal {-status}"
+    if status == Exit.PERMANENT:
+        return False, "permanent failure"
+    if status == Exit.TEMPORARY:
+        return True, "temporary failure"
+    if status in _SYSEXITS_TEXT:
+        return status in _TEMPORARY_SYSEXITS, _SYSEXITS_TEXT[status]
+    return True, f"unexpected exit status {status}"
+
+
+def name():
+    """The name this program was called by (argv[0] without its folder)."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "masq"
+
+
+def parse(doc, argv=None, usage_code=Exit.PERMANENT, options_first=False):
+    """Parse argv with docopt; bad usage raises Error with `usage_code`."""
+    from docopt import DocoptExit, docopt
+
+    try:
+        return docopt(doc, argv, options_first=options_first)
+    except DocoptExit as e:
+        raise Error(str(e).strip(), code=usage_code, temporary=False) from None
+    except SystemExit as e:     # --help: docopt printed it and wants to exit 0
+        if e.code in (None, 0):
+            raise
+        raise Error(str(e.code), code=usage_code, temporary=False) from None
+
+
+def title(text):
+    """Show `text` as the process title (ps), if setproctitle is there.
+
+    The C module is loaded on its own: the package's __init__ imports
+    logging, which costs more than the rest of a short program.
+    """
+    global _setproctitle
+    if _setproctitle is None:
+        _setproctitle = _load_setproctitle()
+    _setproctitle(text)
+
+
+_setproctitle = None
+
+
+def _load_setproctitle():
+    """The C setproctitle function, without importing the package around it."""
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("setproctitle")
+        folder = os.path.dirname(spec.origin)
+        for entry in os.listdir(folder):
+            if entry.startswith("_setproctitle") and entry.endswith(".so"):
+                path = os.path.join(folder, entry)
+                spec = importlib.util.spec_from_file_location(
+                    "setproctitle._setproctitle", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module.setproctitle
+    except Exception:  # noqa: BLE001 -- a missing title must never stop mail
+        pass
+    return lambda text: None
+
+
+def run(main, argv=None, temporary_code=Exit.TEMPFAIL):
+    """Run main(argv) and return an exit code for sys.exit.
+
+    A masq.Error prints one line and gives its code; an interrupted write to
+    a closed pipe is quiet; anything else is an internal error: the traceback
+    goes to stderr and the code is temporary, never Python's 1.
+    """
+    prog = name()
+    try:
+        code = main(argv)
+        return Exit.OK if code is None else code
+    except Error as e:
+        _say(f"{prog}: fatal: {e}")
+        return e.code
+    except KeyboardInterrupt:
+        _say(f"{prog}: fatal: interrupted")
+        return temporary_code
+    except BrokenPipeError:
+        return temporary_code
+    except SystemExit:
+        raise
+    except BaseException:
+        import traceback
+        _say(f"{prog}: fatal: internal error, please report it:")
+        traceback.print_exc()
+        return temporary_code
+
+
+def _say(line):
+    """Write one line to stderr, never failing."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,498 @@
+"""The spool: the only code that writes the queue, and the code that reads it.
+
+Layout (masq-spool(5)), all in one file system:
+
+    VERSION          "masq-spool 1"
+    tmp/ID           a message being written by masq-queue (flock held)
+    incoming/ID      accepted, not yet filtered
+    active/ID        filtered, ready to route and deliver
+    hold/ID          kept back by a person: goes nowhere until released
+    corrupt/ID       files `masq-queue check --repair` found unreadable
+    trigger          FIFO: one byte written wakes the masq-send daemon
+
+A message is one file.  Its first line is fixed-width, the data follows,
+and after the data come records, one per line, "word value":
+
+    masq-spool 1 0000000000004182      (HEADER_BYTES long; the data's size)
+    <the message, exactly that many bytes, LF line ends>
+    sender alice@example.org           envelope and trace, written before commit
+    rcpt bob@localhost
+    arrived 1764100000.123
+    proto local
+    done 0 1764100002.5 maildir        state, appended after each attempt
+    failed 1 ... / deferred 1 ... / warned ...
+
+States of a message, and what a crash in each leaves (cf. qmail INTERNALS):
+
+    S1  tmp/ID being written, flock held     crash: orphan, not accepted;
+                                             `check` removes it once no lock is held
+    S2  tmp/ID complete and fsynced          same as S1: not yet accepted
+    S3  incoming/ID renamed, folder fsynced  ACCEPTED: masq-queue exits 0 only now
+    S4  active/ID (rename, folder fsynced)   filters have run
+    S5  state records appended and fsynced   a recipient's outcome is durable
+        before the next attempt is decided   before the next attempt
+    S6  file unlinked                        all recipients done; a crash that
+                                             loses the unlink redelivers once
+
+A state record torn by a crash is an incomplete last line: readers ignore
+it (its delivery may repeat once), and the next append starts a new line.
+"""
+import errno
+import fcntl
+import os
+import time
+
+from masq import Error
+
+VERSION = 1
+MAGIC = b"masq-spool %d " % VERSION
+SIZE_DIGITS = 16
+HEADER_BYTES = len(MAGIC) + SIZE_DIGITS + 1
+STAGES = ("incoming", "active", "hold")
+FOLDERS = ("tmp", *STAGES, "corrupt")
+COPY_BYTES = 65536
+MAX_RECORDS_BYTES = 64 * 1024 * 1024
+TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
+STATE_WORDS = ("done", "failed", "deferred")
+
+
+class SpoolError(Error):
+    """The spool cannot be written or read now (disk full, permissions...)."""
+
+    code = 75
+    temporary = True
+
+
+class TooBigError(SpoolError):
+    """The message is larger than max_size."""
+
+    code = 65
+    temporary = False
+
+
+class FormatError(SpoolError):
+    """A spool file is not in the format this version writes."""
+
+
+class Spool:
+    """A spool folder."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def folder(self, name):
+        return os.path.join(self.path, name)
+
+    def create(self, mode=0o700):
+        """Make the folders, the trigger FIFO and VERSION (idempotent)."""
+        os.makedirs(self.path, mode=mode, exist_ok=True)
+        for name in FOLDERS:
+            os.makedirs(self.folder(name), mode=mode, exist_ok=True)
+        fifo = self.folder("trigger")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo, 0o622)
+        version = self.folder("VERSION")
+        if not os.path.exists(version):
+            with open(version, "w") as f:
+                f.write(f"masq-spool {VERSION}\n")
+
+    def new_message(self, max_size=None):
+        """A NewMessage in tmp/: write to it, then commit() it."""
+        return NewMessage(self, max_size)
+
+    def ids(self, stage):
+        """The ids in a stage folder, oldest first."""
+        try:
+            names = os.listdir(self.folder(stage))
+        except FileNotFoundError:
+            raise SpoolError(f"no spool at {self.path}: make one with masq-setup") from None
+        return sorted(n for n in names if not n.startswith("."))
+
+    def find(self, qid):
+        """The Message with this id, in whichever stage it is."""
+        if "/" in qid or qid.startswith("."):
+            raise SpoolError(f"{qid}: not a queue id", code=65, temporary=False)
+        for stage in STAGES:
+            path = os.path.join(self.folder(stage), qid)
+            if os.path.exists(path):
+                return Message(self, stage, qid)
+        raise SpoolError(f"{qid}: no such message in the queue", code=67, temporary=False)
+
+    def messages(self, stages=STAGES):
+        """Every readable message in the stages, oldest first; skip vanished ones."""
+        for stage in stages:
+            for qid in self.ids(stage):
+                try:
+                    yield Message(self, stage, qid)
+                except FileNotFoundError:
+                    continue
+
+    def trigger(self):
+        """Wake the masq-send daemon; False when none is listening."""
+        try:
+            fd = os.open(self.folder("trigger"), os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            os.write(fd, b"\0")
+        except OSError:     # the FIFO is full: the daemon has been woken already
+            pass
+        finally:
+            os.close(fd)
+        return True
+
+    def sync(self, stage):
+        """fsync a stage folder, making the renames into it durable."""
+        _fsync_dir(self.folder(stage))
+
+
+class NewMessage:
+    """A message being written to tmp/: write(), then commit(envelope, trace)."""
+
+    _serial = 0
+
+    def __init__(self, spool, max_size=None):
+        self.spool = spool
+        self.max_size = max_size
+        self.size = 0
+        self._carry = b""           # a CR at the end of the last write
+        self._committed = False
+        now = int(time.time() * 1e6)
+        while True:
+            NewMessage._serial += 1
+            self.id = f"{now:x}-{os.getpid():x}"
+            if NewMessage._serial > 1:
+                self.id += f"-{NewMessage._serial:x}"
+            self.tmp = os.path.join(spool.folder("tmp"), self.id)
+            try:
+                self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o600)
+                break
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                raise SpoolError(f"no spool at {spool.path}: make one with masq-setup") from None
+            except OSError as e:
+                raise SpoolError(f"unable to create {self.tmp}: {e.strerror}") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._write_raw(MAGIC + b"0" * SIZE_DIGITS + b"\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if not self._committed:
+            self.abort()
+
+    def write(self, data):
+        """Append message bytes; CRLF becomes LF, other bytes stay as they are."""
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        if data.endswith(b"\r"):
+            data, self._carry = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n")
+        self.size += len(data)
+        if self.max_size is not None and self.size > self.max_size:
+            raise TooBigError(f"message larger than the limit of {self.max_size} bytes")
+        self._write_raw(data)
+
+    def copy_from(self, stream):
+        """Write everything a binary file object gives until EOF."""
+        while True:
+            chunk = stream.read(COPY_BYTES)
+            if not chunk:
+                return
+            self.write(chunk)
+
+    def commit(self, envelope, trace=None):
+        """Make the message durable and visible in incoming/: it is accepted.
+
+        Order: flush, size into the header, envelope records, fsync the file,
+        rename into incoming/, fsync incoming/.  Returns the queue id.
+        """
+        if self._carry:
+            self.size += 1
+            self._write_raw(self._carry)
+            self._carry = b""
+        records = [("sender", envelope.sender)]
+        records += [("rcpt", r) for r in envelope.recipients]
+        records.append(("arrived", f"{time.time():.3f}"))
+        for word, value in (trace or {}).items():
+            if value:
+                records.append((word, value))
+        self._write_raw(_records(records))
+        try:
+            os.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
+            os.fsync(self.fd)
+            os.rename(self.tmp, os.path.join(self.spool.folder("incoming"), self.id))
+            _fsync_dir(self.spool.folder("incoming"))
+        except OSError as e:
+            raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
+        self._committed = True
+        os.close(self.fd)
+        return self.id
+
+    def abort(self):
+        """Remove the unfinished message."""
+        if self.fd is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def _write_raw(self, data):
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                raise SpoolError(f"unable to write {self.tmp}: {e.strerror}") from None
+            view = view[n:]
+
+
+class Message:
+    """A committed message: envelope, trace, per-recipient state, and its data."""
+
+    def __init__(self, spool, stage, qid):
+        self.spool = spool
+        self.stage = stage
+        self.id = qid
+        self.path = os.path.join(spool.folder(stage), qid)
+        self._fd = None
+        self._read()
+
+    def _read(self):
+        with open(self.path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+            if len(head) != HEADER_BYTES or not head.startswith(MAGIC) or head[-1:] != b"\n":
+                raise FormatError(f"{self.path}: not a masq-spool {VERSION} file")
+            try:
+                self.size = int(head[len(MAGIC):-1])
+            except ValueError:
+                raise FormatError(f"{self.path}: bad size in the first line") from None
+            f.seek(HEADER_BYTES + self.size)
+            tail = f.read(MAX_RECORDS_BYTES)
+        self.file_size = HEADER_BYTES + self.size + len(tail)
+        lines = tail.split(b"\n")
+        self.torn_tail = lines[-1] != b""     # an append cut short by a crash
+        self.sender = None
+        self.recipients = []
+        self.trace = {}
+        self.state = {}             # index -> (word, time, text) of the last outcome
+        self.attempts = {}          # index -> number of failed attempts
+        self.last_attempt = 0.0
+        self.warned = 0.0
+        for raw in lines[:-1]:
+            word, _, value = raw.decode("utf-8", "surrogateescape").partition(" ")
+            if word == "sender":
+                self.sender = value
+            elif word == "rcpt":
+                self.recipients.append(value)
+            elif word in STATE_WORDS:
+                fields = value.split(" ", 2)
+                try:
+                    index, when = int(fields[0]), float(fields[1])
+                except (ValueError, IndexError):
+                    continue
+                text = fields[2] if len(fields) > 2 else ""
+                self.state[index] = (word, when, text)
+                self.last_attempt = max(self.last_attempt, when)
+                if word == "deferred":
+                    self.attempts[index] = self.attempts.get(index, 0) + 1
+            elif word == "warned":
+                try:
+                    self.warned = float(value)
+                except ValueError:
+                    pass
+            elif word in TRACE_WORDS:
+                self.trace[word] = value
+        if self.sender is None or not self.recipients:
+            raise FormatError(f"{self.path}: no envelope after the data")
+        try:
+            self.arrived = float(self.trace.get("arrived", "0"))
+        except ValueError:
+            self.arrived = 0.0
+
+    def pending(self):
+        """Indices of recipients with no final outcome yet."""
+        return [i for i in range(len(self.recipients))
+                if self.state.get(i, ("",))[0] not in ("done", "failed")]
+
+    def open_data(self):
+        """A binary file object that reads exactly the message's bytes."""
+        f = open(self.path, "rb")
+        f.seek(HEADER_BYTES)
+        return _Limited(f, self.size)
+
+    def lock(self, wait=False):
+        """Take the delivery lock; False if another process holds it."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def record(self, outcomes, sync=True):
+        """Append state records durably: outcomes = [(word, index, text)]."""
+        now = f"{time.time():.3f}"
+        records = []
+        for word, index, text in outcomes:
+            records.append((word, f"{index} {now} {text}"))
+        self._append(_records(records), sync)
+
+    def note_warned(self):
+        self._append(_records([("warned", f"{time.time():.3f}")]), True)
+
+    def _append(self, data, sync):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                if os.pread(fd, 1, end - 1) != b"\n":
+                    data = b"\n" + data      # close a line torn by a crash
+                os.write(fd, data)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SpoolError(f"unable to record state in {self.path}: {e.strerror}") from None
+
+    def move(self, stage, sync=True):
+        """Rename the message into another stage folder."""
+        target = os.path.join(self.spool.folder(stage), self.id)
+        try:
+            os.rename(self.path, target)
+            if sync:
+                _fsync_dir(self.spool.folder(stage))
+        except OSError as e:
+            raise SpoolError(f"unable to move {self.path} to {stage}: {e.strerror}") from None
+        self.stage, self.path = stage, target
+
+    def remove(self):
+        """Delete the message: every recipient is done."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.unlock()
+
+
+class _Limited:
+    """Read at most `left` bytes from a file, then EOF."""
+
+    def __init__(self, f, left):
+        self.f, self.left = f, left
+
+    def read(self, n=-1):
+        if n < 0 or n > self.left:
+            n = self.left
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _records(pairs):
+    """Encode records; a value never holds a newline."""
+    out = []
+    for word, value in pairs:
+        value = str(value).replace("\n", " ").replace("\r", " ")
+        out.append(f"{word} {value}\n")
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_locked(path):
+    """True if a live process holds the flock on this file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def check(spool, repair=False):
+    """Find torn, orphaned and unreadable files; yield one line per problem.
+
+    With repair: orphans in tmp/ (no live writer) are removed, unreadable
+    messages are moved to corrupt/, a torn state line is closed.
+    """
+    for name in spool.ids("tmp"):
+        path = os.path.join(spool.folder("tmp"), name)
+        if is_locked(path):
+            continue
+        yield f"tmp/{name}: orphan of an interrupted enqueue (never accepted)" + (
+            ": removed" if repair else "")
+        if repair:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    seen = {}
+    for stage in STAGES:
+        for qid in spool.ids(stage):
+            if qid in seen:
+                yield f"{stage}/{qid}: also in {seen[qid]}"
+            seen[qid] = stage
+            try:
+                msg = Message(spool, stage, qid)
+            except FileNotFoundError:
+                continue
+            except FormatError as e:
+                yield f"{stage}/{qid}: unreadable: {e}" + (": moved to corrupt/" if repair else "")
+                if repair:
+                    os.rename(os.path.join(spool.folder(stage), qid),
+                              os.path.join(spool.folder("corrupt"), qid))
+                continue
+            except OSError as e:
+                yield f"{stage}/{qid}: unreadable: {e.strerror}"
+                continue
+            if msg.torn_tail:
+                yield f"{stage}/{qid}: last state record torn by a crash" + (
+                    ": closed" if repair else "")
+                if repair:
+                    msg._append(b"", True)
+    for name in os.listdir(spool.path):
+        if name not in FOLDERS and name not in ("trigger", "VERSION") and not name.startswith("."):
+            yield f"{name}: not part of a masq spool"
+    if not os.path.exists(spool.folder("VERSION")):
+        yield "VERSION: missing"
+    else:
+        with open(spool.folder("VERSION")) as f:
+            if f.read().strip() != f"masq-spool {VERSION}":
+                yield f"VERSION: not masq-spool {VERSION}"

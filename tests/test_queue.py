@@ -1,0 +1,67 @@
+"""masq-queue: the spool writer and the queue's tool for people."""
+import os
+
+from conftest import enqueue
+
+
+def test_enqueue_makes_one_complete_file_in_incoming(masq):
+    enqueue(masq, b"Subject: hi\r\n\r\nbody\r\n", "a@example.org", ["bob@localhost"]).ok()
+    ids = masq.queue_ids("incoming")
+    assert len(ids) == 1
+    with open(os.path.join(masq.spool, "incoming", ids[0]), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"masq-spool 1 ")
+    assert b"Subject: hi\n\nbody\nsender a@example.org\nrcpt bob@localhost\n" in data
+    assert os.listdir(os.path.join(masq.spool, "tmp")) == []
+
+
+def test_envelope_cut_short_queues_nothing(masq):
+    import subprocess
+    r, w = os.pipe()
+    os.write(w, b"Fa@example.org\0Tbob@localhost\0")      # no final NUL
+    os.close(w)
+    p = subprocess.run(["masq-queue"], input=b"x\n", stdout=r, stderr=subprocess.PIPE,
+                       env=masq.env())
+    os.close(r)
+    assert p.returncode == 65, p.stderr
+    assert b"masq-queue: fatal: envelope ends early" in p.stderr
+    assert masq.queue_ids() == []
+    assert os.listdir(os.path.join(masq.spool, "tmp")) == []
+
+
+def test_list_of_empty_queue(masq):
+    r = masq.run(["masq-queue", "list"]).ok()
+    assert r.out == b"Mail queue is empty\n"
+
+
+def test_list_show_hold_release_remove(masq):
+    enqueue(masq, b"Subject: x\n\nhello\n", "a@example.org", ["bob@localhost"]).ok()
+    qid = masq.queue_ids()[0]
+    out = masq.run(["masq-queue", "list"]).ok().out.decode()
+    assert qid in out and "a@example.org" in out and "bob@localhost" in out
+    shown = masq.run(["masq-queue", "show", qid]).ok().out
+    assert shown.endswith(b"Subject: x\n\nhello\n")
+    masq.run(["masq-queue", "hold", qid]).ok()
+    assert masq.queue_ids("hold") == [qid]
+    masq.run(["masq-queue", "release", qid]).ok()
+    assert masq.queue_ids("incoming") == [qid]
+    masq.run(["masq-queue", "remove", qid]).ok()
+    assert masq.queue_ids() == []
+    r = masq.run(["masq-queue", "remove", qid])
+    assert r.rc == 67 and b"no such message" in r.err
+
+
+def test_check_finds_and_repairs_an_orphan(masq):
+    orphan = os.path.join(masq.spool, "tmp", "1234-1")
+    with open(orphan, "wb") as f:
+        f.write(b"masq-spool 1 0000000000000000\npartial")
+    r = masq.run(["masq-queue", "check"])
+    assert r.rc == 65 and b"tmp/1234-1: orphan" in r.out, r
+    masq.run(["masq-queue", "check", "--repair"]).ok()
+    assert not os.path.exists(orphan)
+    masq.run(["masq-queue", "check"]).ok()
+
+
+def test_bad_usage_is_64(masq):
+    r = masq.run(["masq-queue", "frobnicate"])
+    assert r.rc == 64 and b"Usage:" in r.err
