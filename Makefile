@@ -5,9 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 DEBS := mandoc procmail ucspi-tcp swaks socat
-SOURCES := setup.cfg pyproject.toml $(wildcard bin/* lib/masq/*.py lib/masq/*/*.py)
 
-.PHONY: run test lint deps install clean bench
+.PHONY: run test lint deps install compile clean bench
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -15,23 +14,26 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# A regular (not editable) install: an editable one adds an import hook that
-# every program would pay for at start.  Bytecode is compiled by pip.
-$(VENV)/.installed: $(PY) $(SOURCES)
-	$(PY) -m pip install -q --no-deps --force-reinstall .
-	$(PY) -m pip install -q 'docopt-ng>=0.9' 'setproctitle>=1.3'
+# An editable install: lib/ is a src layout, so setuptools adds a plain path
+# (.pth), not an import hook that every program would pay for at start.
+# The bytecode is compiled here so that no program compiles it on its first run.
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml $(wildcard bin/*)
+	$(PY) -m pip install -q -e .
 	@touch $@
+
+compile: $(VENV)/.installed
+	@$(PY) -m compileall -q lib
 
 install: $(VENV)/.installed
 
 $(VENV)/.test-deps: $(PY) setup.cfg
-	$(PY) -m pip install -q 'pytest>=7' 'hypothesis>=6' 'ruff>=0.4'
+	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
 $(VAR)/masq.toml: | $(VENV)/.installed
 	$(VENV)/bin/masq-setup local-only $(VAR)
 
-run: $(VENV)/.installed $(VAR)/masq.toml
+run: compile $(VAR)/masq.toml
 	@echo
 	@echo "masq runs on $(VAR) (stop it with Ctrl-C). In another terminal:"
 	@echo "  printf 'Subject: hello\n\nIt works.\n' | $(VAR)/bin/sendmail $$USER"
@@ -52,10 +54,10 @@ lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check bin lib tests bench
 	mandoc -Tlint -W warning man/*.[1-8]
 
-test: deps $(VENV)/.installed $(VENV)/.test-deps lint
+test: deps compile $(VENV)/.test-deps lint
 	$(VENV)/bin/python -m pytest tests
 
-bench: $(VENV)/.installed
+bench: compile
 	$(VENV)/bin/python bench/run.py
 
 clean:
