@@ -4,7 +4,8 @@ Event lines go where `log` in masq.toml says: a file (appended with one
 write(2) per line, so lines of concurrent programs never mix), "syslog" or
 "stderr".  A line looks like Postfix's:
 
-  2026-11-25T19:40:03Z masq-send[812]: 19abc-1f2: to=<bob@localhost> relay=local delay=0.21 status=sent (maildir)
+  2026-11-25T19:40:03Z masq-send[812]: 19abc-1f2: to=<bob@localhost> relay=local
+      delay=0.21 status=sent (maildir)    (on one line)
 """
 import os
 import sys
@@ -18,6 +19,11 @@ _target = None      # (kind, value): ("file", fd) | ("syslog", None) | ("stderr"
 def warn(text):
     """`prog: warning: text` on stderr."""
     program._say(f"{program.name()}: warning: {text}")
+
+
+def ready():
+    """True once setup() has chosen where event lines go."""
+    return _target is not None
 
 
 def setup(conf):

@@ -37,7 +37,6 @@ States of a message, and what a crash in each leaves (cf. qmail INTERNALS):
 A state record torn by a crash is an incomplete last line: readers ignore
 it (its delivery may repeat once), and the next append starts a new line.
 """
-import errno
 import fcntl
 import os
 import time
@@ -262,6 +261,10 @@ class Message:
         self.id = qid
         self.path = os.path.join(spool.folder(stage), qid)
         self._fd = None
+        self._read()
+
+    def reload(self):
+        """Read the file again (after taking the lock, the state may be newer)."""
         self._read()
 
     def _read(self):

@@ -75,7 +75,7 @@ def enqueue(conf, stream, env, trace, queue=None):
     `env` is the Envelope, or a function that reads it once the message has
     been read (the descriptor order of qmail-queue).
     """
-    from masq import message, spool
+    from masq import log, message, spool
     queue = queue or spool.Spool(conf.path("spool"))
     with queue.new_message(conf.get("max_size")) as new:
         new.write(message.received(new.id, conf.hostname, trace))
@@ -83,6 +83,11 @@ def enqueue(conf, stream, env, trace, queue=None):
         if callable(env):
             env = env()
         qid = new.commit(env, trace)
+    if not log.ready():
+        log.setup(conf)
+    log.event(qid, None, **{"from": f"<{env.sender}>"}, size=new.size,
+              nrcpt=len(env.recipients), proto=trace.get("proto"),
+              client=trace.get("client") or trace.get("user"))
     queue.trigger()
     return qid
 

@@ -1,0 +1,102 @@
+"""Delivery status notifications (RFC 3464) for recipients that failed.
+
+A bounce goes from the null sender <> to the original sender, as
+multipart/report with a text part, a message/delivery-status part and the
+original headers (text/rfc822-headers).  A message from <> is never bounced
+(RFC 5321 section 6.1): its failure is only logged.
+"""
+import os
+import time
+
+from masq import message
+
+MAX_HEADER_BYTES = 256 * 1024
+
+
+def status_code(text, default="5.0.0"):
+    """The first enhanced status code (RFC 3463) quoted in a reason, or the default."""
+    for word in text.replace("(", " ").replace(")", " ").split():
+        parts = word.split(".")
+        if len(parts) == 3 and parts[0] in ("2", "4", "5") and all(p.isdigit() for p in parts):
+            return word
+    return default
+
+
+def build(conf, msg, failed, qid):
+    """The bytes of a bounce for msg; failed = [(recipient, reason)]."""
+    host = conf.hostname
+    boundary = f"{qid}/{host}"
+    arrival = message.date(msg.arrived)
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"To: <{msg.sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {message.date()}",
+        f"Message-ID: {message.message_id(qid, host)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"This is the mail system at host {host}.",
+        "",
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients. The reasons follow.",
+        "",
+    ]
+    for rcpt, reason in failed:
+        lines += [f"<{rcpt}>: {reason}", ""]
+    lines += [
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {host}",
+        f"X-Masq-Queue-ID: {msg.id}",
+        f"Arrival-Date: {arrival}",
+        "",
+    ]
+    for rcpt, reason in failed:
+        kind = "smtp" if reason[:3].isdigit() or " said: " in reason else "x-masq"
+        lines += [
+            f"Final-Recipient: rfc822; {rcpt}",
+            "Action: failed",
+            f"Status: {status_code(reason)}",
+            f"Diagnostic-Code: {kind}; {reason}",
+            "",
+        ]
+    lines += [
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = "\n".join(lines).encode("utf-8", "surrogateescape") + b"\n"
+    return head + original_headers(msg) + f"\n--{boundary}--\n".encode()
+
+
+def original_headers(msg):
+    """The header section of the queued message (bounded)."""
+    with msg.open_data() as f:
+        data = f.read(MAX_HEADER_BYTES)
+    end = data.find(b"\n\n")
+    return data[:end + 1] if end >= 0 else data
+
+
+def send(conf, queue, msg, failed):
+    """Queue a bounce for `failed` recipients of msg; return its id, or None for <>."""
+    if not msg.sender:
+        return None
+    from masq import envelope, spool
+    from masq.cmd.queue import enqueue
+    stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
+    data = build(conf, msg, failed, stamp)
+    env = envelope.Envelope("", [msg.sender])
+    import io
+    return enqueue(conf, io.BytesIO(data), env, {"proto": "local", "user": "MAILER-DAEMON"},
+                   queue=queue if isinstance(queue, spool.Spool) else None)
+

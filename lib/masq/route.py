@@ -1,0 +1,159 @@
+"""Which way each recipient goes: local, a named route, wait, or bounce.
+
+The decision is made at delivery time from the configuration as it is then
+(masq-send calls decide() for every attempt); nothing is frozen into the
+queue.  For one recipient:
+
+1. a local domain (or no domain at all): "local";
+2. else the first [route.NAME] table, in the order of the file, whose
+   patterns allow this sender, recipient and From: header: "route" if that
+   route is up, and otherwise the search goes on among the routes that are up;
+3. some route would allow it but none of those is up: "wait";
+4. no route could ever take it: "bounce".
+
+Which routes are up: [online] detect = "always" (all of them), "file" (the
+file holds the names of the routes that are up; absent or empty: none),
+"command" (its output does).  A route with `always = true` (a LAN) is up
+whenever masq runs.  `masq-send --route NAME` (sendmail -qo NAME) forces
+NAME up, as masqmail's -qo does.
+"""
+import os
+
+from masq import Error, address
+
+PATTERN_KEYS = ("allowed_senders", "denied_senders", "allowed_recipients",
+                "denied_recipients", "allowed_from_headers", "denied_from_headers")
+
+
+class RouteError(Error):
+    """The [online] or [route.*] configuration cannot be used."""
+
+    code = 78
+    temporary = True
+
+
+class Decision:
+    """kind: "local" | "route" | "wait" | "bounce"; route: a route's name; reason: text."""
+
+    def __init__(self, kind, route=None, reason=""):
+        self.kind, self.route, self.reason = kind, route, reason
+
+    def __repr__(self):
+        return f"Decision({self.kind!r}, {self.route!r}, {self.reason!r})"
+
+
+def online(conf, forced=None):
+    """The names of the routes that are up now."""
+    names = [name for name, _ in conf.routes]
+    up = {name for name, table in conf.routes if table.get("always") is True}
+    if forced:
+        if forced not in names:
+            raise RouteError(f"no route named {forced} in {conf.file}", code=64,
+                             temporary=False)
+        return up | {forced}
+    detect = conf.get("online.detect")
+    if detect == "always":
+        return set(names)
+    if detect == "file":
+        path = conf.path("online.file")
+        try:
+            with open(path) as f:
+                said = f.read().split()
+        except FileNotFoundError:
+            said = []
+        except OSError as e:
+            raise RouteError(f"unable to read {path}: {e.strerror}") from None
+    else:
+        said = _command_output(conf.get("online.command"))
+    return up | {name for name in said if name in names}
+
+
+def _command_output(command):
+    import subprocess
+    if not command:
+        raise RouteError('online.detect = "command" needs online.command')
+    try:
+        p = subprocess.run(command, shell=True, capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise RouteError(f"online.command did not answer within 30 s: {command}") from None
+    return p.stdout.decode("utf-8", "replace").split() if p.returncode == 0 else []
+
+
+def decide(conf, recipient, sender="", up=(), from_header=None):
+    """The Decision for one recipient."""
+    if not address.domain_of(recipient) or address.is_local(recipient, conf.local_domains):
+        return Decision("local")
+    waiting = None
+    for name, table in conf.routes:
+        if not allows(table, sender, recipient, from_header):
+            continue
+        if name in up:
+            return Decision("route", name)
+        waiting = waiting or name
+    if waiting:
+        return Decision("wait", waiting, f"waiting for route {waiting} to come online")
+    domain = address.domain_of(recipient)
+    if not conf.routes:
+        return Decision("bounce", reason=f"no route for mail to {domain}: "
+                        "this host delivers locally only (5.4.4)")
+    return Decision("bounce", reason=f"no route may carry mail from <{sender}> "
+                    f"to <{recipient}> (5.7.1)")
+
+
+def allows(table, sender, recipient, from_header=None):
+    """True when the route's patterns let this mail through."""
+    checks = (("senders", sender), ("recipients", recipient), ("from_headers", from_header))
+    for what, value in checks:
+        allowed = table.get(f"allowed_{what}")
+        denied = table.get(f"denied_{what}", [])
+        if value is None:           # no From: header known: header patterns do not apply
+            continue
+        if allowed is not None and not matches(allowed, value):
+            return False
+        if denied and matches(denied, value):
+            return False
+    return True
+
+
+def matches(patterns, addr):
+    """Shell-style match of an address against patterns; domains compare case-blind."""
+    from fnmatch import fnmatchcase
+    local, domain = address.split(addr)
+    subject = f"{local}@{domain.lower()}" if domain else local
+    for pattern in patterns:
+        plocal, pdomain = address.split(pattern)
+        pattern = f"{plocal}@{pdomain.lower()}" if pdomain else plocal
+        if fnmatchcase(subject, pattern):
+            return True
+    return False
+
+
+def rewrite(table, addr):
+    """The sender as the route rewrites it ({"*@host": "me@isp"}), or unchanged."""
+    for pattern, replacement in (table.get("rewrite_sender") or {}).items():
+        if matches([pattern], addr):
+            if "*" in replacement:
+                replacement = replacement.replace("*", address.split(addr)[0])
+            return replacement
+    return addr
+
+
+def route_table(conf, name):
+    for route_name, table in conf.routes:
+        if route_name == name:
+            return table
+    raise RouteError(f"no route named {name} in {conf.file}")
+
+
+def describe_route(table):
+    host = table.get("host")
+    return f"via {host}" if host else "straight to the MX of the recipient's domain"
+
+
+def mailbox_of(conf, local_part):
+    """Where a local user's mail lands, as configured (for people to read)."""
+    kind = conf.get("local.mailbox")
+    if kind == "mda":
+        return f"MDA {conf.get('local.mda').replace('{user}', local_part)}"
+    path = conf.get("local.path").replace("{user}", local_part)
+    return f"{kind} {os.path.join(conf.dir, path)}"
