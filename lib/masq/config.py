@@ -34,6 +34,7 @@ DEFAULTS = {
     "local.mda": "procmail -d {user}",
     "local.users": "any",
     "local.mda_timeout": 3600,
+    "local.recipient_delimiter": "+",
     "queue.filters": [],
     "queue.archive_bcc": "",
     "queue.retry_min": 300,            # seconds before the first retry

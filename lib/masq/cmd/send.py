@@ -44,30 +44,42 @@ def main(argv=None):
 
 
 def run_once(conf, queue, forced=None, ids=()):
-    """One queue run: promote incoming, try every active message once."""
+    """One queue run: promote incoming, try every active message once.
+
+    Bounces made during the run are delivered in the same run (a few passes
+    at most), so that runq leaves nothing behind that it could have sent.
+    """
     program.title("masq-send: queue run")
-    promote(conf, queue, ids)
     up = route.online(conf, forced)
-    if ids:
-        messages = []
-        for qid in ids:
-            try:
-                msg = queue.find(qid)
-            except spool.SpoolError as e:
-                log.warn(str(e))
-                continue
-            if msg.stage == "active":
-                messages.append(msg)
-    else:
-        messages = queue.messages(("active",))
-    for msg in messages:
-        attempt(conf, queue, msg, up)
+    tried = set()
+    for _ in range(3):
+        promote(conf, queue, ids)
+        if ids:
+            messages = [m for m in (_find(queue, q) for q in ids) if m]
+        else:
+            messages = [m for m in queue.messages(("active",)) if m.id not in tried]
+        for msg in messages:
+            tried.add(msg.id)
+            attempt(conf, queue, msg, up)
+        if ids or not messages:
+            return
+
+
+def _find(queue, qid):
+    """The active message with this id, or None (with a warning)."""
+    try:
+        msg = queue.find(qid)
+    except spool.SpoolError as e:
+        log.warn(str(e))
+        return None
+    return msg if msg.stage == "active" else None
 
 
 def promote(conf, queue, ids=()):
     """Move accepted messages from incoming/ to active/ (filters go here)."""
     moved = False
-    for qid in (ids or queue.ids("incoming")):
+    incoming = queue.ids("incoming")
+    for qid in ([q for q in ids if q in incoming] if ids else incoming):
         try:
             msg = spool.Message(queue, "incoming", qid)
         except FileNotFoundError:
@@ -295,7 +307,8 @@ class Daemon:
         fifo = self.queue.folder("trigger")
         try:
             rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-            wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)    # never EOF on the FIFO
+            # our own writer: the FIFO never reads EOF, and a signal can wake select
+            self.wfd = wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as e:
             raise Error(f"unable to open {fifo}: {e.strerror}; "
                         "make the spool with masq-setup") from None
@@ -327,6 +340,10 @@ class Daemon:
 
     def _stop(self, signum, frame):
         self.stopping = True
+        try:
+            os.write(self.wfd, b"\0")     # select() is restarted after a handler (PEP 475)
+        except OSError:
+            pass
 
     def full_scan(self):
         """Every active message becomes due now (after start, or a route change)."""

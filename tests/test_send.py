@@ -1,0 +1,158 @@
+"""masq-send: queue runs, the daemon, retries and bounces, through the real programs."""
+import email
+import email.policy
+import os
+import signal
+import subprocess
+import time
+
+from conftest import BIN, enqueue
+
+MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
+
+
+def runq(masq, *args):
+    return masq.run(["masq-send", "--once", *args]).ok()
+
+
+def set_mda(masq, script, tmp_path):
+    """Deliver through an MDA stub: a shell script that exits as told."""
+    stub = tmp_path / "mda"
+    stub.write_text("#!/bin/sh\n" + script + "\n")
+    stub.chmod(0o755)
+    text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mda"')
+    text = text.replace('mda = "procmail -d {user}"', f'mda = "{stub}"')
+    masq.set_config(text)
+
+
+def log(masq):
+    try:
+        with open(os.path.join(masq.dir, "masq.log")) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def test_runq_delivers_into_the_maildir_and_empties_the_queue(masq):
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+    runq(masq)
+    box = masq.maildir("bob")
+    [msg] = list(box)
+    assert msg.as_bytes().endswith(b"Subject: hello\n\nbody line\n")
+    assert msg["Delivered-To"] == "bob@localhost"
+    assert masq.queue_ids() == []
+    assert "to=<bob@localhost> relay=local" in log(masq)
+    assert "status=sent" in log(masq)
+
+
+def test_no_route_bounces_to_the_sender_with_a_dsn(masq):
+    enqueue(masq, MESSAGE, "alice@test.example", ["x@remote.example"]).ok()
+    runq(masq)
+    assert masq.queue_ids() == []
+    [bounce] = list(masq.maildir("alice"))
+    parsed = email.message_from_bytes(bounce.as_bytes(), policy=email.policy.default)
+    assert parsed["Return-Path"] == "<>"
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    parts = list(parsed.iter_parts())
+    assert "x@remote.example" in parts[0].get_content()
+    status = parts[1].as_string()
+    assert "Final-Recipient: rfc822; x@remote.example" in status
+    assert "Action: failed" in status and "Status: 5.4.4" in status
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert "Subject: hello" in parts[2].as_string()
+    assert "status=bounced" in log(masq)
+
+
+def test_a_bounce_is_never_bounced(masq):
+    enqueue(masq, MESSAGE, "", ["x@remote.example"]).ok()
+    runq(masq)
+    assert masq.queue_ids() == []
+    assert "status=dropped" in log(masq)
+    assert not os.path.exists(os.path.join(masq.dir, "mail", "postmaster"))
+
+
+def test_temporary_failure_is_deferred_recorded_and_retried(masq, tmp_path):
+    set_mda(masq, "cat >/dev/null; echo 'mailbox busy' >&2; exit 75", tmp_path)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+    runq(masq)
+    [qid] = masq.queue_ids("active")
+    listing = masq.run(["masq-queue", "list"]).ok().out.decode()
+    assert "bob@localhost (deferred:" in listing
+    runq(masq)
+    with open(os.path.join(masq.spool, "active", qid), "rb") as f:
+        assert f.read().count(b"\ndeferred 0 ") == 2
+    set_mda(masq, f"cat >> {tmp_path}/got; exit 0", tmp_path)
+    runq(masq)
+    assert masq.queue_ids() == []
+    assert (tmp_path / "got").read_bytes().endswith(MESSAGE)
+
+
+def test_deferred_too_long_bounces(masq, tmp_path):
+    set_mda(masq, "cat >/dev/null; exit 75", tmp_path)
+    masq.config("[queue]\nmax_age = 0")
+    enqueue(masq, MESSAGE, "someone@remote.example", ["bob@localhost"]).ok()
+    runq(masq)
+    # the bounce for someone@remote.example has no route either, and a bounce
+    # of a bounce is dropped: the queue ends empty
+    assert masq.queue_ids() == []
+    assert "gave up after" in log(masq)
+
+
+def test_permanent_mda_failure_bounces_one_recipient_and_delivers_the_other(masq, tmp_path):
+    set_mda(masq, f'cat >> {tmp_path}/got-$USER; [ "$USER" = bob ] && exit 0; exit 1',
+            tmp_path)
+    enqueue(masq, MESSAGE, "x@remote.example", ["bob@localhost", "carol@localhost"]).ok()
+    runq(masq)
+    assert (tmp_path / "got-bob").exists()
+    assert "to=<carol@localhost> relay=local" in log(masq)
+    assert "status=bounced" in log(masq)
+
+
+def test_mail_for_an_offline_route_waits_without_bouncing(masq):
+    text = open(masq.conf).read().replace('detect = "always"', 'detect = "file"')
+    masq.set_config(text + '\n[route.isp]\nhost = "127.0.0.1:1"\n')
+    enqueue(masq, MESSAGE, "alice@test.example", ["x@remote.example"]).ok()
+    runq(masq)
+    runq(masq)
+    [qid] = masq.queue_ids("active")
+    assert not os.path.exists(os.path.join(masq.dir, "mail", "alice"))
+    held = masq.run(["masq-queue", "hold", qid]).ok()
+    assert held.rc == 0 and masq.queue_ids("hold") == [qid]
+    runq(masq)
+    assert masq.queue_ids("hold") == [qid]
+
+
+def wait_for(predicate, seconds=20):
+    """Poll a condition with a deadline (the daemon has no readiness fd)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_daemon_is_woken_by_each_enqueue_and_stops_on_sigterm(masq):
+    daemon = subprocess.Popen([os.path.join(BIN, "masq-send")], env=masq.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: "daemon started" in log(masq)), log(masq)
+        for n in range(3):
+            enqueue(masq, MESSAGE + b"%d\n" % n, "alice@test.example", ["bob@localhost"]).ok()
+        assert wait_for(lambda: len(os.listdir(os.path.join(masq.dir, "mail/bob/new"))) == 3
+                        if os.path.isdir(os.path.join(masq.dir, "mail/bob/new")) else False)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+        assert "daemon stopped" in log(masq)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert masq.queue_ids() == []
+
+
+def test_bad_usage(masq):
+    r = masq.run(["masq-send", "--bogus"])
+    assert r.rc == 64
+    assert masq.run(["masq-send", "--help"]).rc == 0
