@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
-DEBS := mandoc procmail ucspi-tcp swaks socat
+DEBS := mandoc procmail ucspi-tcp swaks socat dnsmasq-base
 
 .PHONY: run test lint deps install compile clean bench
 

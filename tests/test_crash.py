@@ -9,6 +9,7 @@ import time
 from conftest import BIN
 
 TRIALS = 40
+COUNT = 300          # messages per delivery crash test: a run takes longer than a kill
 
 
 def start_queue(masq, message_path, envelope):
@@ -56,11 +57,24 @@ def test_masq_queue_killed_at_random_points_accepts_all_or_nothing(masq, tmp_pat
     assert masq.queue_ids() == []
 
 
+FILL = """
+import io, sys
+from masq import config, envelope
+from masq.cmd.queue import enqueue
+conf = config.load(None)
+tag, count = sys.argv[1], int(sys.argv[2])
+for i in range(count):
+    data = b"Subject: %s %d\\n\\nFrom the start\\n.\\nmessage %d\\n" % (tag.encode(), i, i)
+    enqueue(conf, io.BytesIO(data), envelope.Envelope("a@test.example", ["bob@localhost"]),
+            {"proto": "local", "user": "test"})
+"""
+
+
 def queue_many(masq, count, tag):
-    from conftest import enqueue
-    for i in range(count):
-        enqueue(masq, b"Subject: %s %d\n\nFrom the start\n.\nmessage %d\n" % (
-            tag.encode(), i, i), "a@test.example", ["bob@localhost"]).ok()
+    """Fill the queue through the spool library, in one process (fast)."""
+    import sys
+    masq.run([sys.executable, "-c", FILL, tag, str(count)]).ok()
+    assert len(masq.queue_ids()) == count
 
 
 def delivered_counts(messages):
@@ -77,7 +91,7 @@ def kill_runs_until_empty(masq, rng):
     for _ in range(50):
         p = subprocess.Popen([os.path.join(BIN, "masq-send"), "--once"], env=masq.env(),
                              stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0, 0.15))
+        time.sleep(rng.uniform(0.02, 0.25))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
@@ -90,12 +104,12 @@ def kill_runs_until_empty(masq, rng):
 
 def test_masq_send_killed_during_maildir_delivery_delivers_everything_at_most_twice(masq):
     rng = random.Random(2)
-    queue_many(masq, 60, "md")
+    queue_many(masq, COUNT, "md")
     kills = kill_runs_until_empty(masq, rng)
     assert kills > 0
     assert masq.queue_ids() == []
     counts = delivered_counts(masq.maildir("bob"))
-    assert set(counts) == {f"md {i}" for i in range(60)}
+    assert set(counts) == {f"md {i}" for i in range(COUNT)}
     assert max(counts.values()) <= 2
 
 
@@ -103,13 +117,13 @@ def test_masq_send_killed_during_mbox_delivery_never_leaves_half_a_message(masq)
     text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mbox"')
     masq.set_config(text.replace('path = "mail/{user}/"', 'path = "mail/{user}"'))
     rng = random.Random(3)
-    queue_many(masq, 60, "mb")
+    queue_many(masq, COUNT, "mb")
     kills = kill_runs_until_empty(masq, rng)
     assert kills > 0
     assert masq.queue_ids() == []
     box = mailbox.mbox(os.path.join(masq.dir, "mail", "bob"), create=False)
     counts = delivered_counts(box)
-    assert set(counts) == {f"mb {i}" for i in range(60)}
+    assert set(counts) == {f"mb {i}" for i in range(COUNT)}
     assert max(counts.values()) <= 2
     for msg in box:
         n = msg["Subject"].split()[1]

@@ -11,8 +11,9 @@ maildir  cr.yp.to/proto/maildir.html: a unique name in tmp/, write, fsync,
          when missing; the tmp file is removed on any failure.
 mbox     mboxrd: a `From sender date` line, every line matching ^>*From_
          gets one more `>`, a blank line after the message.  Locked with a
-         dot-lock (FILE.lock, O_EXCL; removed when older than STALE_LOCK_
-         SECONDS) and fcntl.lockf, each retried for LOCK_WAIT_SECONDS.  On
+         dot-lock (FILE.lock, O_EXCL, holding our PID; removed when its
+         PID is dead or it is older than STALE_LOCK_SECONDS) and
+         fcntl.lockf, each retried for LOCK_WAIT_SECONDS.  On
          any failure the file is cut back to its old length.
 program  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          alias), message on stdin, stdout and stderr kept for the reason:
@@ -29,6 +30,7 @@ from masq import Error
 COPY_BYTES = 65536
 LOCK_WAIT_SECONDS = 60          # then give up and let the queue retry
 STALE_LOCK_SECONDS = 600        # a dot-lock this old is a crashed writer's
+EMPTY_LOCK_SECONDS = 5          # a dot-lock still without a PID this long: its writer died
 MAX_REASON_CHARS = 300
 EX_TEMPFAIL = 75
 _counter = 0                    # deliveries by this process (maildir Q field)
@@ -182,6 +184,23 @@ def _quote_into(reader, out):
         at_start = piece.endswith(b"\n")
 
 
+def _stale(dotlock):
+    """A dot-lock is stale when its writer (the PID inside) is dead, or it is old."""
+    if time.time() - os.stat(dotlock).st_mtime > STALE_LOCK_SECONDS:
+        return True
+    with open(dotlock, "rb") as f:
+        text = f.read(32).strip()
+    if not text.isdigit():          # being written now, or its writer died first
+        return time.time() - os.stat(dotlock).st_mtime > EMPTY_LOCK_SECONDS
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return True                 # killed with its lock held (kill -9, a crash)
+    except OSError:
+        pass
+    return False
+
+
 def _lock(fd, path):
     """Take the dot-lock and the fcntl lock; return the dot-lock's path or None."""
     import fcntl
@@ -197,7 +216,7 @@ def _lock(fd, path):
             break
         except FileExistsError:
             try:
-                if time.time() - os.stat(dotlock).st_mtime > STALE_LOCK_SECONDS:
+                if _stale(dotlock):
                     os.unlink(dotlock)
                     continue
             except FileNotFoundError:

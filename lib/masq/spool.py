@@ -404,6 +404,13 @@ class _Limited:
         self.left -= len(data)
         return data
 
+    def readline(self, n=-1):
+        if n < 0 or n > self.left:
+            n = self.left
+        data = self.f.readline(n)
+        self.left -= len(data)
+        return data
+
     def fileno(self):
         return self.f.fileno()
 

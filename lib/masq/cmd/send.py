@@ -199,37 +199,46 @@ def _from_header(msg):
     return ""
 
 
-PROGRAMS = {"local": "masq.cmd.local", "route": "masq.cmd.smtp"}
-
-
 def deliver(conf, msg, kind, route_name, indices):
     """Run the delivery program for some recipients; [(letter, text)] per recipient.
 
-    The program's code is imported here once and run in a forked child with
-    the message on fd 0 and its answer on fd 1: the contract of an exec,
-    without the start of a new Python each time (DESIGN.md).
+    masq-smtp's code is imported here once and run in a forked child, with
+    its argv, the message on fd 0 and its answer on fd 1: the isolation of an
+    exec without the start of a new Python each time (DESIGN.md).
+
+    masq-local's deliver() runs in this process: in single-user mode it runs
+    as the same user with the same configuration, and a fork per message
+    would cost more than the delivery itself (3 ms against 1.2 ms, measured:
+    bench/README.md).  Any failure inside it is a temporary failure.
     """
     rcpts = [msg.recipients[i] for i in indices]
     sender = msg.sender
-    argv = ["-C", conf.file, "--id", msg.id]
-    if kind == "route":
-        table = route.route_table(conf, route_name)
-        sender = route.rewrite(table, sender) if sender else sender
-        argv += ["--route", route_name]
-    argv += ["--", sender, *rcpts]
-    module = _import(PROGRAMS[kind])
-    status, out = _run_child(module.main, argv, msg)
+    if kind == "local":
+        return _deliver_local(conf, msg, sender, rcpts)
+    table = route.route_table(conf, route_name)
+    sender = route.rewrite(table, sender) if sender else sender
+    argv = ["-C", conf.file, "--id", msg.id, "--route", route_name, "--", sender, *rcpts]
+    from masq.cmd import smtp
+    status, out = _run_child(lambda: program.run(smtp.main, argv, Exit.TEMPORARY), msg)
     return parse_results(out, len(rcpts), status)
 
 
-def _import(name):
-    import importlib
-    return importlib.import_module(name)
+def _deliver_local(conf, msg, sender, rcpts):
+    from masq.cmd import local
+    try:
+        return local.deliver(conf, sender, rcpts, msg.open_data, msg.id)
+    except Error as e:
+        letter = "D" if e.temporary is False else "Z"
+        return [(letter, str(e))] * len(rcpts)
+    except Exception as e:      # noqa: BLE001 -- a bug must defer mail, not lose it
+        import traceback
+        traceback.print_exc()
+        return [("Z", f"internal error in local delivery: {e!r}")] * len(rcpts)
 
 
-def _run_child(main, argv, msg):
-    """Fork, run main(argv) with the message on fd 0; return (exit code, stdout)."""
-    in_r, in_w = os.pipe()
+def _run_child(job, msg=None):
+    """Fork, run job() with msg's data on fd 0 (if given); return (exit code, stdout)."""
+    in_r, in_w = os.pipe() if msg else (None, None)
     out_r, out_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -237,31 +246,33 @@ def _run_child(main, argv, msg):
     if pid == 0:
         code = Exit.TEMPORARY
         try:
-            os.close(in_w)
             os.close(out_r)
-            os.dup2(in_r, 0)
+            if msg:
+                os.close(in_w)
+                os.dup2(in_r, 0)
+                os.close(in_r)
             os.dup2(out_w, 1)
-            os.close(in_r)
             os.close(out_w)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
             signal.alarm(CHILD_ALARM_SECONDS)
             sys.stdin = open(0, "r", closefd=False)
             sys.stdout = open(1, "w", closefd=False)
-            code = program.run(main, argv, temporary_code=Exit.TEMPORARY)
+            code = program.run(lambda argv: job(), temporary_code=Exit.TEMPORARY)
             sys.stdout.flush()
         finally:
             os._exit(code)
-    os.close(in_r)
     os.close(out_w)
-    try:
-        with msg.open_data() as data:
-            while chunk := data.read(65536):
-                _write_all(in_w, chunk)
-    except BrokenPipeError:
-        pass                        # the program stopped reading: its answer says why
-    finally:
-        os.close(in_w)
+    if msg:
+        os.close(in_r)
+        try:
+            with msg.open_data() as data:
+                while chunk := data.read(65536):
+                    _write_all(in_w, chunk)
+        except BrokenPipeError:
+            pass                    # the program stopped reading: its answer says why
+        finally:
+            os.close(in_w)
     chunks = []
     while chunk := os.read(out_r, 65536):
         chunks.append(chunk)

@@ -1,0 +1,559 @@
+"""masq-inject: submit mail from local users, as sendmail does.
+
+Usage:
+  sendmail [-t] [-i] [-f ADDR] [-F NAME] [-odb | -odq | -odi] [-v] [-C FILE] [--] [ADDRESS...]
+  sendmail -bp | -bs | -bi | -q | -qo ROUTE [-C FILE]
+  sendmail -bv [-C FILE] ADDRESS...
+  mailq | runq | newaliases [-C FILE]
+  rmail [-C FILE] ADDRESS...
+  mailrm [-C FILE] ID...
+  masq-inject --help
+
+Options:
+  -t        Also send to the addresses in To, Cc and Bcc (Resent-To, -Cc,
+            -Bcc when the message has any), added to the ADDRESS arguments.
+  -i, -oi   A line holding only "." does not end the message.
+  -f ADDR   Envelope sender (also -r ADDR); "<>" is the null sender.
+  -F NAME   Full name for a From line that masq-inject adds.
+  -bm       Read a message and queue it (the default).
+  -bp       List the queue (mailq).
+  -bs       Speak SMTP on stdin and stdout.
+  -bi       Check the aliases file (newaliases).
+  -bv       Say where mail to each ADDRESS would go; send nothing.
+  -q        Run the queue once (runq).
+  -qo ROUTE Run the queue once as if ROUTE were online.
+  -odb      Deliver in the background after queuing (the default).
+  -odq      Queue only; the next queue run delivers.
+  -odi      Deliver before exiting (the exit code still says "queued").
+  -v        Say on stderr what happens.
+  -C FILE   Read this configuration instead of $MASQ_CONF.
+  --        End of options: the rest are addresses.
+  --help    Show this.
+
+Flags may be grouped (-ti) and values attached (-fADDR, -oi).  Accepted and
+ignored: -m, -B ARG, -N ARG, -oem, -oep, -oee and every -oe...; other -oX
+options are ignored with a warning.  The name called decides the default
+mode: mailq is -bp, runq is -q, newaliases is -bi, rmail is -i and drops a
+leading UUCP "From " line, mailrm ID... removes messages from the queue.
+The message comes on stdin; exit codes are sysexits(3): masq-inject(8).
+"""
+import os
+import sys
+
+from masq import Error, program
+from masq.program import Exit
+
+MODES_BY_NAME = {"mailq": "p", "runq": "q", "newaliases": "i", "mailrm": "rm"}
+MODE_WORDS = {"m": "-bm", "p": "-bp", "s": "-bs", "i": "-bi", "v": "-bv",
+              "q": "-q", "rm": "mailrm"}
+VALUE_FLAGS = "fFrCNBob"         # these take a value, attached or as the next word
+IGNORED_FLAGS = "m"
+
+
+class UsageError(Error):
+    """A command line sendmail would refuse."""
+
+    code = Exit.USAGE
+    temporary = False
+
+
+class Options:
+    """What the command line asks for."""
+
+    def __init__(self):
+        self.mode = None            # m p s i v q rm
+        self.route = None           # -qo ROUTE
+        self.extract = False        # -t
+        self.dots = True            # a lone "." ends input (until -i)
+        self.sender = None          # -f / -r
+        self.fullname = None        # -F
+        self.delivery = "b"         # -od: b, q or i
+        self.verbose = False
+        self.conf = None
+        self.args = []
+        self.rmail = False
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv[:argv.index("--") if "--" in argv else len(argv)]:
+        sys.stdout.write(__doc__)
+        return Exit.OK
+    try:
+        opts = parse(argv, program.name())
+    except UsageError as e:
+        usage = __doc__.split("\n\n")[1]
+        program._say(f"{program.name()}: fatal: {e}")
+        program._say(usage)
+        return Exit.USAGE
+    from masq import config
+    conf = config.load(opts.conf)
+    mode = opts.mode or "m"
+    if mode == "m":
+        return submit(conf, opts)
+    return RUN_MODE[mode](conf, opts)
+
+
+def parse(argv, name):
+    """Parse sendmail's command line, getopt style: flags first, then addresses."""
+    opts = Options()
+    base = MODES_BY_NAME.get(name)
+    if base:
+        opts.mode = base
+    if name == "rmail":
+        opts.rmail, opts.dots = True, False
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word == "--":
+            break
+        if not word.startswith("-") or word == "-":
+            i -= 1
+            break
+        if word.startswith("--"):
+            raise UsageError(f"unknown option {word}")
+        j = 1
+        while j < len(word):
+            flag = word[j]
+            j += 1
+            if flag == "q" or flag in VALUE_FLAGS:
+                value = word[j:]
+                if not value and flag in VALUE_FLAGS:
+                    if i >= len(argv):
+                        raise UsageError(f"option -{flag} needs a value")
+                    value = argv[i]
+                    i += 1
+                if flag == "q" and value == "o":
+                    if i >= len(argv):
+                        raise UsageError("option -qo needs a route name")
+                    value += argv[i]
+                    i += 1
+                option(opts, flag, value)
+                break
+            if flag == "t":
+                opts.extract = True
+            elif flag == "i":
+                opts.dots = False
+            elif flag == "v":
+                opts.verbose = True
+            elif flag in IGNORED_FLAGS:
+                pass
+            else:
+                raise UsageError(f"unknown option -{flag}")
+    opts.args = argv[i:]
+    mode = opts.mode or "m"
+    if mode in "psiq" and opts.args:
+        raise UsageError(f"{MODE_WORDS[mode]} takes no addresses")
+    if mode in ("v", "rm") and not opts.args:
+        what = "ADDRESS" if mode == "v" else "ID"
+        raise UsageError(f"{MODE_WORDS[mode]} needs at least one {what}")
+    return opts
+
+
+def option(opts, flag, value):
+    """Take one option that has a value."""
+    if flag == "b":
+        if value not in ("m", "p", "s", "i", "v"):
+            hint = {"d": ": run masq-send as a daemon, and tcpserver with masq-smtpd"}
+            raise UsageError(f"-b{value} is not supported{hint.get(value, '')}")
+        set_mode(opts, value)
+    elif flag == "q":
+        if value.startswith("o") and len(value) > 1:
+            opts.route = value[1:]
+        elif value:
+            raise UsageError(f"-q{value} is not supported: for queue runs at intervals "
+                             "run masq-send as a daemon")
+        set_mode(opts, "q")
+    elif flag == "o":
+        if value == "i":
+            opts.dots = False
+        elif value.startswith("d") and value[1:] in ("b", "q", "i", "d"):
+            opts.delivery = "q" if value[1:] == "d" else value[1:]
+        elif value.startswith("e") or value == "m":
+            pass
+        else:
+            program._say(f"{program.name()}: warning: ignoring unknown option -o{value}")
+    elif flag in "fr":
+        opts.sender = value
+    elif flag == "F":
+        opts.fullname = value
+    elif flag == "C":
+        opts.conf = value
+    # -N (DSN notify) and -B (body type) are accepted and ignored: masq is
+    # 8-bit clean and sends no DSN requests.
+
+
+def set_mode(opts, mode):
+    """Modes exclude each other, as in masqmail."""
+    if opts.mode and opts.mode != mode:
+        raise UsageError(f"{MODE_WORDS[mode]}: an operation mode was already given "
+                         f"({MODE_WORDS[opts.mode]})")
+    opts.mode = mode
+
+
+def submit(conf, opts):
+    """Read the message on stdin, clean its header section and queue it."""
+    from masq import headers
+    login, gecos = _user()
+    hostname = conf.hostname
+    sender = _sender(opts.sender, login, hostname)
+    recipients = []
+    for arg in opts.args:
+        recipients += _recipients(arg, hostname, "recipient address")
+    if not recipients and not opts.extract:
+        raise Error("recipient addresses must be given on the command line or with -t",
+                    code=Exit.USAGE, temporary=False)
+    stdin = sys.stdin.buffer
+    source = Input(stdin, opts.dots)
+    max_size = conf.get("max_size")
+    if opts.rmail:
+        sender = _strip_uucp_from(source, sender if opts.sender else None, hostname)
+    limit = headers.MAX_HEADER_BYTES if not max_size else min(max_size, headers.MAX_HEADER_BYTES)
+    section = headers.read(source.readline, limit)
+    if opts.extract:
+        names = ("resent-to", "resent-cc", "resent-bcc")
+        if not any(section.has(n) for n in names):
+            names = ("to", "cc", "bcc")
+        for name in names:
+            for value in section.values(name):
+                recipients += _recipients(value, hostname, f"address in {name.title()}")
+        if not recipients:
+            raise Error("no recipient addresses found in the header",
+                        code=Exit.USAGE, temporary=False)
+    recipients = list(dict.fromkeys(recipients))
+    added = _added_headers(section, opts, login, gecos, sender, hostname)
+    head = added + section.encode(drop=("return-path", "bcc", "resent-bcc"))
+    from masq.envelope import Envelope
+    env = Envelope(sender, recipients)
+    trace = {"proto": "local", "user": login}
+    stream = Body(head, source)
+    if os.environ.get("MASQ_QUEUE"):
+        qid = None
+        _queue_by_program(os.environ["MASQ_QUEUE"], stream, env, trace)
+        woken = False
+    else:
+        from masq.cmd.queue import enqueue
+        queue = _queue(conf.path("spool"))
+        qid = enqueue(conf, stream, env, trace, queue=queue)
+        woken = queue.woken
+    if opts.verbose:
+        program._say(f"{program.name()}: {qid or 'message'}: queued, from <{sender}> to "
+                     + ", ".join(f"<{r}>" for r in recipients))
+    return _deliver(conf, opts, qid, woken)
+
+
+def _deliver(conf, opts, qid, woken):
+    """After queuing: -odq nothing, -odb wake or start masq-send, -odi run it."""
+    say = program._say if opts.verbose else (lambda text: None)
+    name = program.name()
+    run_args = ["-C", conf.file, "--once"] + ([qid] if qid else [])
+    if opts.delivery == "q":
+        say(f"{name}: left in the queue for the next queue run (-odq)")
+        return Exit.OK
+    if opts.delivery == "b":
+        if woken:
+            say(f"{name}: the masq-send daemon was woken")
+            return Exit.OK
+        say(f"{name}: no masq-send daemon listening: delivering in the background")
+        _background(run_args)
+        return Exit.OK
+    try:
+        send = _program("send")
+    except Error as e:
+        program._say(f"{name}: warning: {e}; the message waits in the queue")
+        return Exit.OK
+    code = send.main(run_args)
+    say(f"{name}: masq-send --once exited with {code}")
+    return Exit.OK
+
+
+def _background(run_args):
+    """Fork a detached child that runs one queue run for the new message."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() != 0:
+        return
+    code = Exit.TEMPFAIL
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        # a descriptor the caller passed down must not stay open for as long
+        # as the delivery takes: the caller may be waiting for its EOF
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        code = _program("send").main(run_args)
+    except BaseException:   # noqa: BLE001 -- nobody is left to tell; the queue keeps it
+        pass
+    finally:
+        os._exit(code if isinstance(code, int) else Exit.TEMPFAIL)
+
+
+def _queue_by_program(path, stream, env, trace):
+    """Run $MASQ_QUEUE: message on its fd 0, envelope on its fd 1."""
+    import subprocess
+    environ = dict(os.environ, MASQ_PROTO=trace["proto"], MASQ_USER=trace["user"])
+    data_r, data_w = os.pipe()
+    env_r, env_w = os.pipe()
+    try:
+        child = subprocess.Popen([path], stdin=data_r, stdout=env_r, env=environ)
+    except OSError as e:
+        raise Error(f"unable to run MASQ_QUEUE={path}: {e.strerror}",
+                    code=Exit.TEMPFAIL) from None
+    finally:
+        os.close(data_r)
+        os.close(env_r)
+    try:
+        with open(data_w, "wb", closefd=True) as out:
+            while chunk := stream.read(65536):
+                out.write(chunk)
+        with open(env_w, "wb", closefd=True) as out:
+            out.write(env.encode())
+    except BrokenPipeError:
+        pass
+    finally:
+        for fd in (data_w, env_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    status = child.wait()
+    if status == 0:
+        return
+    temporary, text = program.classify(status)
+    code = status if 64 <= status <= 78 else (Exit.TEMPFAIL if temporary else Exit.DATAERR)
+    raise Error(f"MASQ_QUEUE={path} refused the message: {text}", code=code,
+                temporary=temporary)
+
+
+def _program(name):
+    """The module masq.cmd.NAME, or Error 69 if it is not installed."""
+    import importlib
+    try:
+        return importlib.import_module(f"masq.cmd.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"masq.cmd.{name}":
+            raise
+        raise Error(f"masq-{name} is not available yet", code=Exit.UNAVAILABLE,
+                    temporary=False) from None
+
+
+def list_queue(conf, opts):
+    return _program("queue").main(["-C", conf.file, "list"])
+
+
+def run_queue(conf, opts):
+    route = ["--route", opts.route] if opts.route else []
+    return _program("send").main(["-C", conf.file, "--once", *route])
+
+
+def verify(conf, opts):
+    """-bv: masq-route's answer for each address, qualified as for sending."""
+    hostname = conf.hostname
+    addrs = []
+    for arg in opts.args:
+        addrs += _recipients(arg, hostname, "address")
+    return _program("route").main(["-C", conf.file, *addrs])
+
+
+def check_aliases(conf, opts):
+    """-bi, newaliases: each bad line of the aliases file on stderr."""
+    aliases = _program_module("masq.aliases", "the aliases checker")
+    path = conf.path("aliases")
+    problems = aliases.check(path)
+    for number, text in problems:
+        program._say(f"{program.name()}: {path}:{number}: {text}")
+    return Exit.DATAERR if problems else Exit.OK
+
+
+def smtp(conf, opts):
+    """-bs: masq-smtpd on stdin and stdout, for the user who runs us."""
+    smtpd = _program("smtpd")
+    login, _ = _user()
+    os.environ.update(MASQ_PROTO="esmtp", MASQ_USER=login)
+    return smtpd.main(["-C", conf.file])
+
+
+def remove(conf, opts):
+    return _program("queue").main(["-C", conf.file, "remove", *opts.args])
+
+
+def _program_module(module, what):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise Error(f"{what} is not available yet", code=Exit.UNAVAILABLE,
+                    temporary=False) from None
+
+
+RUN_MODE = {"p": list_queue, "q": run_queue, "v": verify, "i": check_aliases,
+            "s": smtp, "rm": remove}
+
+
+class Input:
+    """stdin as lines, ending at a lone "." line unless -i (dots False)."""
+
+    def __init__(self, raw, dots):
+        self.raw = raw
+        self.dots = dots
+        self.ended = False
+        self.bol = True             # at the beginning of a line
+
+    def readline(self, limit):
+        if self.ended:
+            return b""
+        line = self.raw.readline(limit)
+        if self.dots and self.bol and line[:1] == b"." and line in (b".\n", b".\r\n", b"."):
+            self.ended = True
+            return b""
+        self.bol = line.endswith(b"\n")
+        return line
+
+    def read(self, size):
+        """Up to about `size` bytes; whole lines while dots end the input."""
+        if self.ended:
+            return b""
+        if not self.dots:
+            return self.raw.read(size)
+        lines, total = [], 0
+        while total < size:
+            line = self.readline(size)
+            if not line:
+                break
+            lines.append(line)
+            total += len(line)
+        return b"".join(lines)
+
+
+class Body:
+    """The stream enqueue reads: the cleaned header section, then the rest."""
+
+    def __init__(self, head, source):
+        self.head = head
+        self.source = source
+
+    def read(self, size=65536):
+        if self.head:
+            head, self.head = self.head, b""
+            return head
+        return self.source.read(size)
+
+
+def _queue(path):
+    """A Spool that remembers whether enqueue's trigger woke a daemon."""
+    from masq import spool
+
+    class Spool(spool.Spool):
+        woken = False
+
+        def trigger(self):
+            self.woken = super().trigger()
+            return self.woken
+
+    return Spool(path)
+
+
+def _user():
+    """(login name, full name from the passwd GECOS field)."""
+    import pwd
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return str(os.getuid()), ""
+    full = entry.pw_gecos.split(",")[0]
+    if "&" in full:                 # BSD: & stands for the capitalised login
+        full = full.replace("&", entry.pw_name.capitalize())
+    return entry.pw_name, full.strip()
+
+
+def _sender(value, login, hostname):
+    """The envelope sender: -f, or the user at this host; "<>" is null."""
+    from masq import address
+    if value is None:
+        return f"{login}@{hostname}"
+    value = address.strip_brackets(value)
+    if value == "":
+        return ""
+    try:
+        address.check(value, need_domain=False)
+    except Error as e:
+        raise Error(f"bad sender address: {e}", code=Exit.DATAERR, temporary=False) from None
+    return address.qualify(value, hostname)
+
+
+def _recipients(text, hostname, what):
+    """The addresses in an argument or a header value, qualified."""
+    from masq import address, headers
+    try:
+        found = headers.addresses(text)
+        for addr in found:
+            address.check(addr, need_domain=False)
+    except Error as e:
+        raise Error(f"bad {what}: {e}", code=Exit.DATAERR, temporary=False) from None
+    return [address.qualify(a, hostname) for a in found]
+
+
+def _added_headers(section, opts, login, gecos, sender, hostname):
+    """Date, Message-ID and From lines for those the message lacks."""
+    import time
+    from masq import message
+    lines = []
+    if not section.has("date"):
+        lines.append(f"Date: {message.date()}\n")
+    if not section.has("message-id"):
+        lines.append(f"Message-ID: <{time.time_ns():x}.{os.getpid():x}@{hostname}>\n")
+    if not section.has("from"):
+        mailbox = sender if opts.sender and sender else f"{login}@{hostname}"
+        name = opts.fullname if opts.fullname is not None else gecos
+        name = " ".join(name.split())       # no CR or LF from -F
+        lines.append(f"From: {_phrase(name)} <{mailbox}>\n" if name else f"From: {mailbox}\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+_ATOM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        "!#$%&'*+-/=?^_`{|}~ ")
+
+
+def _phrase(name):
+    """A display name as atoms, a quoted string, or RFC 2047 encoded words."""
+    if not name.isascii():
+        import binascii
+        raw = name.encode("utf-8", "surrogateescape")
+        words, start = [], 0
+        while start < len(raw):
+            end = min(start + 45, len(raw))
+            while end < len(raw) and (raw[end] & 0xC0) == 0x80:
+                end -= 1            # never split a UTF-8 sequence
+            chunk = binascii.b2a_base64(raw[start:end], newline=False).decode()
+            words.append(f"=?utf-8?b?{chunk}?=")
+            start = end
+        return " ".join(words)
+    if all(c in _ATOM_CHARS for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _strip_uucp_from(source, explicit, hostname):
+    """rmail: drop leading "From user date remote from host" lines.
+
+    The sender comes from the first of them unless -f gave one.
+    """
+    sender = explicit
+    raw = source.raw
+    while raw.peek(5)[:5] in (b"From ", b">From"):
+        line = raw.readline(65536)
+        words = line.decode("utf-8", "surrogateescape").split()
+        if sender is None and len(words) > 1:
+            user = words[1]
+            if "@" not in user and len(words) > 4 and words[-3:-1] == ["remote", "from"]:
+                user = f"{user}@{words[-1]}"
+            sender = user
+    if sender is None:
+        login, _ = _user()
+        return f"{login}@{hostname}"
+    return _sender(sender, "", hostname)

@@ -1,0 +1,90 @@
+"""masq-smtp: deliver one message over SMTP or LMTP to a smarthost or the recipients' MX.
+
+Usage:
+  masq-smtp [-C FILE] [--route NAME] [--id QID] [--] SENDER RECIPIENT...
+  masq-smtp -h | --help
+
+Options:
+  -C FILE       Read this configuration instead of $MASQ_CONF.
+  --route NAME  Send the way [route.NAME] says; without it, to each
+                recipient domain's MX.
+  --id QID      The queue id, for the process title.
+  -h --help     Show this.
+
+The message comes on stdin with LF line ends; SENDER may be "" (null
+sender).  stdout gets one line per RECIPIENT, in order: "K text" (accepted),
+"Z text" (temporary failure) or "D text" (permanent failure).  Exit 0 once
+every recipient has its line; 100 for bad usage, 111 when it cannot start.
+"""
+import sys
+
+from masq import Error, program
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = _quick(argv) or program.parse(__doc__, argv, usage_code=100)
+    from masq import config, smtpclient
+    try:
+        conf = config.load(args["-C"])
+        route = smtpclient.Route(conf, args["--route"])
+    except Error as e:
+        raise Error(str(e), code=111) from None
+    sender, recipients = args["SENDER"], args["RECIPIENT"]
+    qid = args["--id"]
+    program.title(f"masq-smtp: {qid or ''} via {route.label}".replace("  ", " "))
+    message = smtpclient.Message(sys.stdin.buffer)
+    results = [None] * len(recipients)
+    if route.host or route.wrapper:
+        groups = {None: list(range(len(recipients)))}
+    else:
+        groups = {}
+        for i, rcpt in enumerate(recipients):
+            domain = rcpt.rpartition("@")[2].lower() if "@" in rcpt else ""
+            groups.setdefault(domain, []).append(i)
+    for domain, indexes in groups.items():
+        if domain == "":
+            for i in indexes:
+                results[i] = ("D", f"no domain in recipient address {recipients[i]}")
+            continue
+        try:
+            session = smtpclient.connect(conf, route, domain)
+        except smtpclient.DeliveryError as e:
+            for i in indexes:
+                results[i] = (e.letter, e.text)
+            continue
+        try:
+            sent = session.send(sender, [recipients[i] for i in indexes], message)
+        finally:
+            session.close()
+        for i, result in zip(indexes, sent, strict=True):
+            results[i] = result
+    sys.stdout.buffer.write(b"".join(
+        f"{letter} {text}\n".encode("utf-8", "replace") for letter, text in results))
+    sys.stdout.flush()
+    return 0
+
+
+def _quick(argv):
+    """The usual argv parsed without docopt (it costs more than sending a message).
+
+    Anything unusual (--help, --opt=value, an option after the addresses)
+    returns None and docopt decides.
+    """
+    args = {"-C": None, "--route": None, "--id": None}
+    i, dashdash = 0, False
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i, dashdash = i + 1, True
+            break
+        if arg in args and i + 1 < len(argv):
+            args[arg] = argv[i + 1]
+            i += 2
+            continue
+        break
+    rest = argv[i:]
+    if len(rest) < 2 or (not dashdash and any(a.startswith("-") for a in rest)):
+        return None
+    args["SENDER"], args["RECIPIENT"] = rest[0], rest[1:]
+    return args

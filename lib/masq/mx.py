@@ -1,0 +1,126 @@
+"""Where mail for a domain goes: MX lookup with dnspython (RFC 5321 section 5.1).
+
+`lookup(domain, dns_servers=None)` returns the hosts to try, best first, as a
+list of `Host(name, preference, addresses)`:
+
+- MX records in preference order, equal preferences shuffled (section 5.1:
+  "the order should be randomized" among equals);
+- no MX record (the name exists): the domain itself, preference 0 (the
+  "implicit MX");
+- the addresses of each host, A then AAAA; a host whose name does not
+  resolve keeps an empty list and the caller skips it.
+
+A null MX (RFC 7505: one MX record whose exchange is ".") and a domain that
+does not exist raise `MXError(..., temporary=False)`; a server failure or a
+timeout raises it with `temporary=True`.  `dns_servers` is a list of "ip" or
+"ip:port" ("[v6]:port" for IPv6 with a port); None uses the system resolver.
+
+dnspython is imported only on the path that needs it.
+"""
+import random
+
+from masq import Error
+
+DNS_LIFETIME_SECONDS = 20       # a whole query, all servers and retries
+
+
+class MXError(Error):
+    """No usable host for a domain; `temporary` says whether to retry."""
+
+    code = 111
+
+
+class Host:
+    """One host to try: its name, MX preference and addresses (strings)."""
+
+    def __init__(self, name, preference, addresses):
+        self.name, self.preference, self.addresses = name, preference, addresses
+
+    def __repr__(self):
+        return f"Host({self.name!r}, {self.preference}, {self.addresses!r})"
+
+
+def resolver(dns_servers=None):
+    """A dnspython resolver asking `dns_servers`, or the system's."""
+    import dns.resolver
+    if not dns_servers:
+        res = dns.resolver.Resolver()
+    else:
+        import dns.nameserver
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
+                           for ip, port in map(parse_server, dns_servers)]
+    res.lifetime = DNS_LIFETIME_SECONDS
+    return res
+
+
+def parse_server(text):
+    """("ip", port) from "ip", "ip:port", "[v6]:port" or a bare IPv6 address."""
+    text = str(text).strip()
+    if text.startswith("["):
+        ip, _, rest = text[1:].partition("]")
+        return ip, int(rest[1:]) if rest.startswith(":") else 53
+    if text.count(":") == 1:
+        ip, _, port = text.partition(":")
+        return ip, int(port)
+    return text, 53
+
+
+def lookup(domain, dns_servers=None):
+    """The hosts to try for `domain`, best first; raises MXError."""
+    import dns.exception
+    import dns.rdatatype
+    import dns.resolver
+    res = resolver(dns_servers)
+    domain = domain.rstrip(".")
+    try:
+        answer = res.resolve(domain, "MX", search=False)
+        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+    except dns.resolver.NXDOMAIN:
+        raise MXError(f"domain {domain} does not exist (DNS: NXDOMAIN)",
+                      temporary=False) from None
+    except dns.resolver.NoAnswer:
+        records = None
+    except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.YXDOMAIN) as e:
+        raise MXError(f"DNS lookup of MX for {domain} failed: {_why(e)}",
+                      temporary=True) from None
+    except dns.exception.DNSException as e:
+        raise MXError(f"DNS lookup of MX for {domain} failed: {_why(e)}",
+                      temporary=True) from None
+    if records is None:
+        addresses = addresses_of(res, domain)
+        if not addresses:
+            raise MXError(f"domain {domain} has no MX record and no address",
+                          temporary=False)
+        return [Host(domain, 0, addresses)]
+    if len(records) == 1 and records[0][1] in ("", "."):
+        raise MXError(f"domain {domain} accepts no mail (null MX, RFC 7505)",
+                      temporary=False)
+    records = [r for r in records if r[1] not in ("", ".")]
+    random.shuffle(records)
+    records.sort(key=lambda r: r[0])          # stable: equal preferences stay shuffled
+    return [Host(name, pref, addresses_of(res, name, soft=True)) for pref, name in records]
+
+
+def addresses_of(res, name, soft=False):
+    """A then AAAA addresses of `name`; with soft, DNS failures give []."""
+    import dns.exception
+    import dns.resolver
+    found = []
+    for rtype in ("A", "AAAA"):
+        try:
+            found += [r.address for r in res.resolve(name, rtype, search=False)]
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except dns.exception.DNSException as e:
+            if soft:
+                continue
+            raise MXError(f"DNS lookup of {rtype} for {name} failed: {_why(e)}",
+                          temporary=True) from None
+    return found
+
+
+def _why(exc):
+    """A one-line reason from a dnspython exception."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
