@@ -19,6 +19,7 @@ $(PY):
 # The bytecode is compiled here so that no program compiles it on its first run.
 $(VENV)/.installed: $(PY) setup.cfg pyproject.toml $(wildcard bin/*)
 	$(PY) -m pip install -q -e .
+	$(PY) -m masq.launchers
 	@touch $@
 
 compile: $(VENV)/.installed
