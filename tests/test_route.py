@@ -100,3 +100,14 @@ def test_address_that_does_not_parse_is_65(masq):
 def test_bad_usage_is_64(masq):
     assert route(masq).rc == 64
     assert route(masq, "--help").rc == 0
+
+
+def test_aliases_are_followed_to_their_final_targets(masq):
+    with open(f"{masq.dir}/aliases", "a") as f:
+        f.write("team: bob, carol@localhost, x@remote.example, |/bin/cat, /tmp/box\n"
+                "bob: \\bob\n")
+    r = route(masq, "team@localhost").ok()
+    line = r.out.decode()
+    assert line.startswith("team@localhost: alias team -> local, maildir ")
+    assert "/mail/bob/; local, maildir " in line and "/mail/carol/" in line
+    assert "forward to <x@remote.example>; pipe to /bin/cat; append to /tmp/box" in line

@@ -42,7 +42,7 @@ def explain(conf, rcpt, sender, up):
         return f"bounce: does not parse: {e}", Exit.DATAERR
     decision = route.decide(conf, rcpt, sender, up)
     if decision.kind == "local":
-        return local(conf, address.split(rcpt)[0], set())
+        return local(conf, address.unquote_local(address.split(rcpt)[0]))
     if decision.kind == "route":
         table = route.route_table(conf, decision.route)
         line = f"route {decision.route}, {route.describe_route(table)}"
@@ -55,50 +55,40 @@ def explain(conf, rcpt, sender, up):
     return f"bounce: {decision.reason}", Exit.UNAVAILABLE
 
 
-def local(conf, local_part, seen):
-    """Follow aliases to mailboxes, the way masq-local will."""
-    targets = _aliases(conf).get(local_part.lower())
-    if targets and local_part.lower() not in seen:
-        seen = seen | {local_part.lower()}
-        parts, worst = [], Exit.OK
-        for target in targets:
-            if target.startswith(("|", "/", ":include:")) or "@" in target:
-                parts.append(target)
-                continue
-            text, code = local(conf, target.lstrip("\\"), seen)
+def local(conf, local_part):
+    """Follow aliases to their final targets, the way masq-local will."""
+    from masq import aliases
+    try:
+        table = aliases.load(conf.path("aliases"), conf.local_domains)
+        targets = table.expand(local_part)
+    except aliases.AliasError as e:
+        return f"{'defer' if e.temporary else 'bounce'}: {e}", (
+            Exit.TEMPFAIL if e.temporary else Exit.UNAVAILABLE)
+    if not targets:
+        return f"bounce: alias {local_part} expands to nothing", Exit.UNAVAILABLE
+    parts, worst = [], Exit.OK
+    for target in targets:
+        what = aliases.kind(target)
+        if what == "remote":
+            parts.append(f"forward to <{target}>")
+        elif what == "pipe":
+            parts.append(f"pipe to {target[1:].strip()}")
+        elif what == "file":
+            parts.append(f"append to {target}")
+        else:
+            text, code = mailbox(conf, target.lstrip("\\"))
             parts.append(text)
             worst = max(worst, code)
-        return f"alias of {local_part} -> " + ", ".join(parts), worst
+    prefix = "" if [t.lower() for t in targets] == [local_part.lower()] else (
+        f"alias {local_part} -> ")
+    return prefix + "; ".join(parts), worst
+
+
+def mailbox(conf, user):
+    """A local user's mailbox, or why there is none."""
     if conf.get("local.users") == "system":
         try:
-            pwd.getpwnam(local_part)
+            pwd.getpwnam(user)
         except KeyError:
-            return f"bounce: no such user: {local_part} (5.1.1)", Exit.NOUSER
-    return f"local, {route.mailbox_of(conf, local_part)}", Exit.OK
-
-
-_alias_cache = {}
-
-
-def _aliases(conf):
-    """{name: [targets]} from the aliases file, via masq.aliases."""
-    path = conf.path("aliases")
-    if path not in _alias_cache:
-        from masq import aliases
-        try:
-            table = aliases.load(path)
-        except FileNotFoundError:
-            table = None
-        _alias_cache[path] = _Lookup(table)
-    return _alias_cache[path]
-
-
-class _Lookup:
-    def __init__(self, table):
-        self.table = table
-
-    def get(self, name):
-        if self.table is None:
-            return None
-        targets = self.table.expand(name)
-        return targets if targets and targets != [name] else None
+            return f"bounce: no such user: {user} (5.1.1)", Exit.NOUSER
+    return f"local, {route.mailbox_of(conf, user)}", Exit.OK
