@@ -104,19 +104,27 @@ _setproctitle = None
 
 
 def _load_setproctitle():
-    """The C setproctitle function, without importing the package around it."""
+    """The C setproctitle function, without importing the package around it.
+
+    importlib.util alone costs milliseconds; the frozen bootstrap modules
+    every interpreter has loaded already do the same job.
+    """
     try:
-        import importlib.util
-        spec = importlib.util.find_spec("setproctitle")
-        folder = os.path.dirname(spec.origin)
-        for entry in os.listdir(folder):
-            if entry.startswith("_setproctitle") and entry.endswith(".so"):
-                path = os.path.join(folder, entry)
-                spec = importlib.util.spec_from_file_location(
-                    "setproctitle._setproctitle", path)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                return module.setproctitle
+        import _frozen_importlib as bootstrap
+        import _frozen_importlib_external as external
+        for folder in sys.path:
+            try:
+                names = os.listdir(os.path.join(folder or ".", "setproctitle"))
+            except OSError:
+                continue
+            for entry in names:
+                if entry.startswith("_setproctitle") and entry.endswith(".so"):
+                    name = "setproctitle._setproctitle"
+                    loader = external.ExtensionFileLoader(
+                        name, os.path.join(folder, "setproctitle", entry))
+                    module = bootstrap.module_from_spec(bootstrap.spec_from_loader(name, loader))
+                    loader.exec_module(module)
+                    return module.setproctitle
     except Exception:  # noqa: BLE001 -- a missing title must never stop mail
         pass
     return lambda text: None
