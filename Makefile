@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
-DEBS := mandoc procmail ucspi-tcp swaks socat dnsmasq-base
+DEBS := mandoc procmail ucspi-tcp swaks socat dnsmasq-base systemd openssl
 
 .PHONY: run test lint deps install compile clean bench
 
@@ -36,11 +36,15 @@ $(VAR)/masq.toml: | $(VENV)/.installed
 
 run: compile $(VAR)/masq.toml
 	@echo
-	@echo "masq runs on $(VAR) (stop it with Ctrl-C). In another terminal:"
+	@echo "masq runs on $(VAR): the queue runner, and SMTP on 127.0.0.1:2525 (Ctrl-C stops both)."
+	@echo "In another terminal:"
 	@echo "  printf 'Subject: hello\n\nIt works.\n' | $(VAR)/bin/sendmail $$USER"
-	@echo "and the message lands in $(VAR)/mail/$$USER/new/ (mailq: $(VAR)/bin/mailq)."
+	@echo "  swaks --server 127.0.0.1:2525 --to $$USER@localhost"
+	@echo "and the messages land in $(VAR)/mail/$$USER/new/ (the queue: $(VAR)/bin/mailq)."
 	@echo
-	$(VENV)/bin/masq-send -C $(VAR)/masq.toml
+	@MASQ_CONF=$(VAR)/masq.toml $(VENV)/bin/masq-tcpserver 127.0.0.1 2525 $(VENV)/bin/masq-smtpd & \
+	  trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
+	  $(VENV)/bin/masq-send -C $(VAR)/masq.toml
 
 # Debian packages the tests use; installed when missing and we are root (CI).
 deps:

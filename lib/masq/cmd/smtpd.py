@@ -1,0 +1,682 @@
+"""masq-smtpd: an ESMTP server on stdin and stdout, one process per connection.
+
+Usage:
+  masq-smtpd [-C FILE]
+  masq-smtpd -h | --help
+
+Options:
+  -C FILE    Read this configuration instead of $MASQ_CONF.
+  -h --help  Show this.
+
+SMTP commands come on fd 0, replies go to fd 1 (a socket from tcpserver,
+inetd or systemd, or a pair of pipes).  The client is described by
+TCPREMOTEIP, TCPREMOTEHOST and RELAYCLIENT (tcp-environ(5)); no DNS lookups.
+Each message goes to masq-queue in-process, or to the program $MASQ_QUEUE
+names; 250 is said only once it is durable.  Settings: [smtpd] in
+masq.toml(5).  Exit codes: masq-smtpd(8).
+"""
+import os
+import sys
+
+from masq import Error, program, smtp
+from masq.program import Exit
+
+# [smtpd] keys and their defaults (masq.toml(5))
+SETTINGS = {
+    "relay_nets": ["127.0.0.0/8", "::1/128"],
+    "max_recipients": 100,
+    "max_errors": 10,
+    "command_timeout": 300,     # RFC 5321 section 4.5.3.2.7: at least 5 minutes
+    "data_timeout": 600,
+    "greet_delay": 0,           # seconds to wait for a client that talks first
+    "pregreet": "reject",       # "reject" (521 and close) | "ignore"
+}
+ROUTING_CHARACTERS = "%!@"      # sender-specified routing in a local part
+HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not (len(argv) == 2 and argv[0] == "-C"):
+        conf_file = program.parse(__doc__, argv)["-C"]
+    else:
+        conf_file = argv[1] if argv else None
+    from masq import config
+    try:
+        conf = _preloaded_config(conf_file) or config.load(conf_file)
+        settings = read_settings(conf)
+    except Error:
+        _write(smtp.CONFIG_ERROR)
+        raise
+    session = Session(conf, settings, os.environ)
+    try:
+        session.run()
+    except smtp.TimeoutError_:
+        session.reply(smtp.TIMEOUT.format(session.host))
+    except smtp.ConnectionLost:
+        return Exit.OK
+    except BaseException:
+        session.reply(smtp.INTERNAL_ERROR)
+        session.flush(quiet=True)
+        raise
+    session.flush(quiet=True)
+    return Exit.OK
+
+
+def preload(argv=()):
+    """Import what a session needs, and read the configuration, once.
+
+    For a listener that forks and calls main() per connection: the child
+    reuses this configuration while the file is unchanged (same size,
+    mtime and inode), and reads it again otherwise.
+    """
+    import pwd  # noqa: F401
+    import select  # noqa: F401
+
+    from masq import address, config, envelope, log, message, spool  # noqa: F401
+    from masq.cmd import queue  # noqa: F401
+    global _preloaded
+    conf_file = argv[1] if len(argv) == 2 and argv[0] == "-C" else None
+    try:
+        conf = config.load(conf_file)
+        _preloaded = (conf, _file_key(conf.file))
+    except (Error, OSError):
+        _preloaded = None           # each session will say what is wrong
+
+
+_preloaded = None
+
+
+def _file_key(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _preloaded_config(conf_file):
+    """The listener's configuration, if it is the file we would read and unchanged."""
+    if _preloaded is None:
+        return None
+    from masq import config
+    conf, key = _preloaded
+    path = config.find(conf_file)
+    try:
+        if path != conf.file or _file_key(path) != key:
+            return None
+    except OSError:
+        return None
+    os.environ["MASQ_CONF"] = path
+    return conf
+
+
+def read_settings(conf):
+    """The [smtpd] table with defaults; a value of the wrong kind is a ConfigError."""
+    from masq.config import ConfigError
+    table = conf.table("smtpd")
+    settings = {}
+    for key, default in SETTINGS.items():
+        value = table.get(key, default)
+        kind = (int, float) if isinstance(default, int) else type(default)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{conf.file}: smtpd.{key} must be a {type(default).__name__}")
+        settings[key] = value
+    for net in settings["relay_nets"]:
+        base, _, length = str(net).partition("/")
+        address = parse_ip(base)
+        if (address is None or (length and not (length.isdigit() and length.isascii()))
+                or int(length or 0) > (32 if address[0] == 4 else 128)):
+            raise ConfigError(f"{conf.file}: smtpd.relay_nets: {net!r} is not an address "
+                              "or address/length")
+    if settings["pregreet"] not in ("reject", "ignore"):
+        raise ConfigError(f'{conf.file}: smtpd.pregreet must be "reject" or "ignore"')
+    return settings
+
+
+def _write(text):
+    """One reply line straight to fd 1, never failing."""
+    try:
+        os.write(1, text.encode() + b"\r\n")
+    except OSError:
+        pass
+
+
+class Session:
+    """One SMTP session: the state of the dialogue and a method per verb."""
+
+    def __init__(self, conf, settings, environ):
+        self.conf = conf
+        self.settings = settings
+        self.host = conf.hostname
+        self.max_size = conf.get("max_size")
+        self.reader = smtp.Reader(0, settings["command_timeout"])
+        self.reader.before_wait = self.flush
+        self.out = []
+        self.errors = 0
+        self.helo = None
+        self.esmtp = False
+        self.pending_line = None
+        self.relayclient = environ.get("RELAYCLIENT")
+        self.client_name = host_name(environ.get("TCPREMOTEHOST"))
+        self.client_ip, local = client_address(environ.get("TCPREMOTEIP"))
+        self.user = local_user() if local else None
+        self.trusted = (local or self.relayclient is not None
+                        or in_nets(self.client_ip, settings["relay_nets"]))
+        self.reset()
+
+    def reset(self):
+        """Forget the mail transaction (RSET, EHLO, after each message)."""
+        self.sender = None
+        self.rcpts = []
+        self.rcpt_tried = 0
+        self.utf8 = False
+
+    # -- replies
+
+    def reply(self, text):
+        self.out.append(text)
+        if text[0] in "45":
+            self.errors += 1
+        if len(self.out) > 64:      # a client that pipelines without reading
+            self.flush()
+
+    def flush(self, quiet=False):
+        """Send the replies waiting; RFC 2920 lets us hold them while input is pending."""
+        if not self.out:
+            return
+        data = ("\r\n".join(self.out) + "\r\n").encode("utf-8")
+        self.out = []
+        view = memoryview(data)
+        # A client that stops reading must not hold us forever: SIGALRM's
+        # default action ends the process (nothing half-written is accepted).
+        # The C module: `signal` imports enum, a quarter of our start-up.
+        import _signal
+        _signal.alarm(max(1, math_ceil(self.settings["command_timeout"])))
+        try:
+            while view:
+                view = view[os.write(1, view):]
+        except OSError as e:
+            if quiet:
+                return
+            raise smtp.ConnectionLost(f"write error: {e.strerror}") from None
+        finally:
+            _signal.alarm(0)
+
+    # -- the dialogue
+
+    def run(self):
+        program.title(f"masq-smtpd {self.client_ip or 'local'}")
+        if self.settings["greet_delay"] > 0 and self.talks_first():
+            if self.settings["pregreet"] == "reject":
+                self.reply(smtp.PREGREET.format(self.host))
+                return
+        self.reply(smtp.GREETING.format(self.host))
+        while True:
+            if self.errors >= self.settings["max_errors"]:
+                self.reply(smtp.TOO_MANY_ERRORS.format(self.host))
+                return
+            try:
+                line, self.pending_line = self.pending_line, None
+                if line is None:
+                    line = self.reader.readline(smtp.PARAM_LINE_MAX_BYTES)
+                verb, arg = smtp.command(line)
+                if len(line) > smtp.COMMAND_LINE_MAX_BYTES and verb not in ("MAIL", "RCPT"):
+                    raise smtp.ProtocolError(smtp.LINE_TOO_LONG)
+                handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+                if handler is None:
+                    self.reply(smtp.UNRECOGNIZED)
+                elif handler(arg) is False:
+                    return
+            except smtp.ProtocolError as e:
+                self.reply(e.reply)
+            except smtp.ChunkInterrupted:
+                pass                # the command that ended it is pending_line
+
+    def talks_first(self):
+        """Postscreen's pregreet test: does the client send before our greeting?"""
+        import select
+        poller = select.poll()
+        poller.register(0, select.POLLIN)
+        if not poller.poll(self.settings["greet_delay"] * 1000):
+            return False
+        self.reader.fill()          # end of input raises ConnectionLost
+        return True
+
+    def smtp_HELO(self, arg):
+        return self.hello(arg, esmtp=False)
+
+    def smtp_EHLO(self, arg):
+        return self.hello(arg, esmtp=True)
+
+    def hello(self, arg, esmtp):
+        name = arg.strip(" ")
+        verb = "EHLO" if esmtp else "HELO"
+        if not name or any(c <= " " or c == "\x7f" for c in name):
+            raise smtp.ProtocolError(smtp.SYNTAX.format(f"{verb} hostname"))
+        self.helo, self.esmtp = name, esmtp
+        self.reset()
+        if not esmtp:
+            self.reply(smtp.HELO_OK.format(self.host))
+            return
+        keywords = [k.format(self.max_size) if "{}" in k else k for k in smtp.EHLO_KEYWORDS]
+        for line in smtp.reply_lines(250, [self.host, *keywords]):
+            self.reply(line)
+
+    def smtp_MAIL(self, arg):
+        if self.helo is None:
+            raise smtp.ProtocolError(smtp.NEED_HELO)
+        if self.sender is not None:
+            raise smtp.ProtocolError(smtp.NESTED_MAIL)
+        path, params = smtp.path_and_params(arg, "FROM")
+        utf8 = False
+        for name, value in params.items():
+            if not self.esmtp:
+                raise smtp.ProtocolError(smtp.BAD_PARAM.format(name))
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise smtp.ProtocolError(smtp.SYNTAX.format("SIZE=number"))
+                if self.max_size and int(value) > self.max_size:
+                    raise smtp.ProtocolError(smtp.TOO_BIG)
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise smtp.ProtocolError(smtp.SYNTAX.format("BODY=7BIT|8BITMIME"))
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise smtp.ProtocolError(smtp.SYNTAX.format("SMTPUTF8 takes no value"))
+                utf8 = True
+            else:
+                raise smtp.ProtocolError(smtp.BAD_PARAM.format(name[:40]))
+        if not utf8 and not path.isascii():
+            raise smtp.ProtocolError(smtp.NON_ASCII)
+        from masq import address
+        try:
+            address.check(path, allow_empty=True)
+        except address.AddressError:
+            raise smtp.ProtocolError(smtp.BAD_SENDER) from None
+        self.sender, self.utf8 = path, utf8
+        self.reply(smtp.SENDER_OK)
+
+    def smtp_RCPT(self, arg):
+        if self.sender is None:
+            raise smtp.ProtocolError(smtp.NEED_MAIL)
+        self.rcpt_tried += 1
+        path, params = smtp.path_and_params(arg, "TO")
+        for name in params:
+            raise smtp.ProtocolError(smtp.BAD_PARAM.format(name[:40]))
+        if len(self.rcpts) >= self.settings["max_recipients"]:
+            raise smtp.ProtocolError(smtp.TOO_MANY_RCPTS)
+        if not self.utf8 and not path.isascii():
+            raise smtp.ProtocolError(smtp.NON_ASCII)
+        if path.lower() == "postmaster":        # RFC 5321 section 4.5.1
+            path = f"{path}@{self.host}"
+        if self.relayclient:                    # qmail-smtpd(8): appended to each recipient
+            path += self.relayclient
+        self.reply(self.check_recipient(path))
+
+    def check_recipient(self, path):
+        """The reply to RCPT for this address; on success it joins the envelope."""
+        from masq import address
+        try:
+            address.check(path)
+        except address.AddressError:
+            return smtp.BAD_RCPT
+        local, domain = address.split(path)
+        domain = domain.lower()
+        if domain in self.conf.local_domains or domain in self.relay_domains():
+            if not self.trusted and any(c in local for c in ROUTING_CHARACTERS):
+                return smtp.RELAY_DENIED.format(path)
+            if domain in self.conf.local_domains and not self.known_user(local):
+                return smtp.UNKNOWN_USER.format(path)
+        elif not self.trusted:
+            return smtp.RELAY_DENIED.format(path)
+        self.rcpts.append(path)
+        return smtp.RCPT_OK
+
+    def relay_domains(self):
+        return [d.lower() for d in self.conf.get("relay_domains") or []]
+
+    def known_user(self, local):
+        """users = "system": an alias or a passwd entry; "any": everyone."""
+        if self.conf.get("local.users") != "system":
+            return True
+        name = _unquote(local).lower()
+        if name == "postmaster" or _is_alias(self.conf, name):
+            return True
+        import pwd
+        try:
+            pwd.getpwnam(name)
+            return True
+        except KeyError:
+            return False
+
+    def smtp_DATA(self, arg):
+        if arg:
+            raise smtp.ProtocolError(smtp.SYNTAX.format("DATA"))
+        self.check_transaction()
+        self.reply(smtp.START_DATA)
+        program.title(f"masq-smtpd {self.client_ip or 'local'}: DATA")
+        self.reader.timeout = self.settings["data_timeout"]
+        stream = smtp.DataStream(self.reader, self.max_size)
+        try:
+            self.reply(self.deliver(stream))
+        finally:
+            self.reader.timeout = self.settings["command_timeout"]
+            self.reset()
+
+    def check_transaction(self):
+        if self.sender is None:
+            raise smtp.ProtocolError(smtp.NEED_MAIL)
+        if not self.rcpts:
+            raise smtp.ProtocolError(smtp.NO_VALID_RCPTS if self.rcpt_tried
+                                     else smtp.NEED_RCPT)
+
+    def smtp_BDAT(self, arg):
+        size, last = parse_bdat(arg)
+        if size is None:
+            # the chunk's end is unknown: reading on could take data for commands
+            self.reply(smtp.SYNTAX.format("BDAT size [LAST]"))
+            return False
+        try:
+            self.check_transaction()
+        except smtp.ProtocolError:
+            for _ in self.reader.read_exactly(size):
+                pass
+            raise
+        self.reader.timeout = self.settings["data_timeout"]
+        stream = ChunkStream(self, size, last)
+        try:
+            self.reply(self.deliver(stream))
+        finally:
+            self.reader.timeout = self.settings["command_timeout"]
+            self.reset()
+
+    def deliver(self, stream):
+        """Queue the message from `stream`; the reply that says how it went."""
+        from masq import spool
+        try:
+            qid = self.queue(stream)
+        except smtp.BareLineEndError:
+            stream.drain()
+            return smtp.BAD_MESSAGE
+        except spool.TooBigError:
+            stream.drain()
+            return smtp.TOO_BIG
+        except (smtp.TimeoutError_, smtp.ConnectionLost, smtp.ChunkInterrupted):
+            raise
+        except Error as e:
+            stream.drain()
+            from masq import log
+            log.warn(f"unable to queue a message from {self.client_ip or 'local'}: {e}")
+            return smtp.QUEUE_FAILED if e.temporary else smtp.REJECTED
+        stream.drain()              # a $MASQ_QUEUE that stopped reading and said yes
+        return smtp.QUEUED.format(qid) if qid else smtp.QUEUED_NO_ID
+
+    def queue(self, stream):
+        """Hand the message to masq-queue (in-process) or to $MASQ_QUEUE."""
+        from masq.envelope import Envelope
+        env = Envelope(self.sender, self.rcpts)
+        trace = self.trace()
+        program_path = os.environ.get("MASQ_QUEUE")
+        if program_path:
+            return run_queue_program(program_path, stream, env, trace)
+        from masq.cmd.queue import enqueue
+        return enqueue(self.conf, stream, env, trace)
+
+    def trace(self):
+        proto = "utf8smtp" if self.utf8 else "esmtp" if self.esmtp else "smtp"
+        trace = {"proto": proto, "client": self.client_ip, "client_name": self.client_name,
+                 "helo": self.helo, "user": self.user}
+        if len(self.rcpts) == 1:
+            trace["for"] = self.rcpts[0]
+        return {k: v for k, v in trace.items() if v}
+
+    def smtp_RSET(self, arg):
+        if arg:
+            raise smtp.ProtocolError(smtp.SYNTAX.format("RSET"))
+        self.reset()
+        self.reply(smtp.OK)
+
+    def smtp_NOOP(self, arg):
+        self.reply(smtp.OK)
+
+    def smtp_QUIT(self, arg):
+        if arg:
+            raise smtp.ProtocolError(smtp.SYNTAX.format("QUIT"))
+        self.reply(smtp.BYE)
+        return False
+
+    def smtp_VRFY(self, arg):
+        if not arg.strip():
+            raise smtp.ProtocolError(smtp.SYNTAX.format("VRFY address"))
+        self.reply(smtp.VRFY)
+
+    def smtp_EXPN(self, arg):
+        self.reply(smtp.NOT_IMPLEMENTED)
+
+    def smtp_HELP(self, arg):
+        self.reply(smtp.HELP)
+
+
+class ChunkStream:
+    """The message of a run of BDAT commands, as one stream (RFC 3030).
+
+    Between chunks it answers the chunk and reads the next command itself: a
+    BDAT goes on, anything else ends the transaction (ChunkInterrupted) and
+    is handed back to the session as its next command.
+    """
+
+    def __init__(self, session, size, last):
+        self.session = session
+        self.reader = session.reader
+        self.left, self.last = size, last
+        self.chunk_size = size
+        self.decoder = smtp.ChunkDecoder()
+        self.size = 0
+
+    def read(self, n=65536):
+        while True:
+            if self.left:
+                if not self.reader.buf:
+                    self.reader.fill()
+                piece = self.reader.buf[:min(self.left, n)]
+                self.reader.buf = self.reader.buf[len(piece):]
+                self.left -= len(piece)
+                data = self.decoder.feed(piece, self.last and not self.left)
+                self.size += len(data)
+                max_size = self.session.max_size
+                if max_size and self.size > max_size:
+                    from masq.spool import TooBigError
+                    raise TooBigError(f"message larger than the limit of {max_size} bytes")
+                if data:
+                    return data
+                continue
+            if self.last:
+                return b""
+            self.next_chunk()
+
+    def next_chunk(self):
+        session = self.session
+        session.reply(smtp.CHUNK_OK.format(self.chunk_size))
+        line = self.reader.readline(smtp.PARAM_LINE_MAX_BYTES)
+        try:
+            verb, arg = smtp.command(line)
+        except smtp.ProtocolError:
+            verb = arg = None
+        size, last = parse_bdat(arg) if verb == "BDAT" else (None, False)
+        if size is None:
+            session.pending_line = line
+            raise smtp.ChunkInterrupted("BDAT transaction ended by another command")
+        self.left, self.last, self.chunk_size = size, last, size
+
+    def drain(self):
+        """Consume the rest of the current chunk."""
+        for _ in self.reader.read_exactly(self.left):
+            pass
+        self.left = 0
+
+
+def parse_bdat(arg):
+    """(size, last) of `BDAT size [LAST]`; size None when it does not parse."""
+    words = arg.split(" ")
+    if not words[0].isdigit() or not words[0].isascii() or len(words[0]) > 20:
+        return None, False
+    if len(words) == 1:
+        return int(words[0]), False
+    if len(words) == 2 and words[1].upper() == "LAST":
+        return int(words[0]), True
+    return None, False
+
+
+def run_queue_program(path, stream, env, trace):
+    """$MASQ_QUEUE: message on its fd 0, envelope on its fd 1, trace in MASQ_*."""
+    import subprocess
+
+    from masq.cmd.queue import TRACE_ENV
+    environ = dict(os.environ)
+    for word, var in TRACE_ENV.items():
+        environ.pop(var, None)
+        if trace.get(word):
+            environ[var] = trace[word]
+    r, w = os.pipe()
+    try:
+        child = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=r, env=environ,
+                                 close_fds=True)
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        raise Error(f"unable to run {path}: {e.strerror}") from None
+    os.close(r)
+    try:
+        try:
+            while data := stream.read(65536):
+                child.stdin.write(data)
+            child.stdin.close()
+            os.write(w, env.encode())
+        except BrokenPipeError:     # it stopped reading: its status says why
+            stream.drain()
+        finally:
+            os.close(w)
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        try:
+            child.stdin.close()
+        except BrokenPipeError:
+            pass
+    status = child.wait()
+    temporary, text = program.classify(status)
+    if temporary is None:
+        return None
+    raise Error(f"{path}: {text}", temporary=temporary)
+
+
+def host_name(name):
+    """TCPREMOTEHOST if it looks like a host name (it comes from the DNS), else unknown."""
+    if not name or len(name) > 255 or not all(c in HOST_CHARACTERS for c in name):
+        return "unknown"
+    return name
+
+
+def math_ceil(x):
+    """ceil() without importing math."""
+    return int(x) + (x > int(x))
+
+
+def client_address(ip):
+    """(client IP, is a local user): TCPREMOTEIP, else the peer of a socket on fd 0."""
+    if ip is not None:
+        return ip, False
+    import stat
+    if not stat.S_ISSOCK(os.fstat(0).st_mode):
+        return "", True             # pipes or a terminal: a local user (sendmail -bs)
+    import socket
+    try:
+        with socket.socket(fileno=os.dup(0)) as s:
+            peer = s.getpeername()
+    except OSError:
+        return "", False
+    if isinstance(peer, tuple):
+        return peer[0], False
+    return "", True                 # a Unix socket: someone on this host
+
+
+def in_nets(ip, nets):
+    """True when the client's IP is inside one of the networks (CIDR strings).
+
+    Parsed here, not with ipaddress: importing it costs a quarter of a
+    masq-smtpd start under tcpserver.
+    """
+    addr = parse_ip(ip.removeprefix("IPv6:")) if ip else None
+    if addr is None:
+        return False
+    for net in nets:
+        base, _, length = str(net).partition("/")
+        network = parse_ip(base)
+        if network is None or (length and not length.isdigit()):
+            continue
+        bits = 32 if network[0] == 4 else 128
+        length = int(length) if length else bits
+        if network[0] != addr[0] or length > bits:
+            continue
+        shift = bits - length
+        if network[1] >> shift == addr[1] >> shift:
+            return True
+    return False
+
+
+def parse_ip(text):
+    """(4 or 6, integer) of an IP address; an IPv4-mapped IPv6 address is IPv4."""
+    if ":" not in text:
+        parts = text.split(".")
+        if len(parts) != 4 or not all(p.isdigit() and p.isascii() and len(p) <= 3
+                                      and int(p) < 256 for p in parts):
+            return None
+        return 4, int.from_bytes(bytes(int(p) for p in parts), "big")
+    head, double, tail = text.partition("::")
+    groups = [[g for g in side.split(":")] if side else [] for side in (head, tail)]
+    if groups[1] and "." in groups[1][-1] or not double and groups[0] and "." in groups[0][-1]:
+        side = groups[1] if groups[1] else groups[0]
+        v4 = parse_ip(side.pop())
+        if v4 is None or v4[0] != 4:
+            return None
+        side += [f"{v4[1] >> 16:x}", f"{v4[1] & 0xffff:x}"]
+    count = len(groups[0]) + len(groups[1])
+    if "::" in tail or (double and count > 7) or (not double and count != 8):
+        return None
+    words = groups[0] + ["0"] * (8 - count) + groups[1]
+    value = 0
+    for word in words:
+        if not (1 <= len(word) <= 4) or not all(c in "0123456789abcdefABCDEF" for c in word):
+            return None
+        value = value << 16 | int(word, 16)
+    if value >> 32 == 0xffff:
+        return 4, value & 0xffffffff
+    return 6, value
+
+
+def local_user():
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _unquote(local):
+    from masq import address
+    return address.unquote_local(local)
+
+
+def _is_alias(conf, name):
+    """True when the aliases file has an entry for `name`.
+
+    An aliases file that cannot be read is a temporary failure (451), never
+    a reason to call a user unknown.
+    """
+    from masq import aliases
+    try:
+        return name in aliases.load(conf.path("aliases"), conf.local_domains)
+    except Error as e:
+        from masq import log
+        log.warn(f"unable to read the aliases: {e}")
+        raise smtp.ProtocolError(smtp.ALIASES_UNAVAILABLE) from None

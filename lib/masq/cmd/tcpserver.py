@@ -1,0 +1,222 @@
+"""masq-tcpserver: accept TCP connections and run a program for each one.
+
+Usage:
+  masq-tcpserver [-c LIMIT] [-1] HOST PORT PROGRAM...
+  masq-tcpserver -h | --help
+
+Options:
+  -c LIMIT   Run at most LIMIT programs at once [default: 40].
+  -1         Print the local port on stdout once listening.
+  -h --help  Show this.
+
+ucspi-tcp compatible: each connection's socket is the program's fd 0 and
+fd 1, and PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT
+describe it (tcp-environ(5); no DNS, so TCPREMOTEHOST is unset).  HOST is an
+IPv4 or IPv6 address, 0 for every IPv4 address, :: for every address.  When
+PROGRAM is masq-smtpd, its code runs in a forked child of this process
+instead of a fresh Python.  SIGTERM stops the listener; sessions finish.
+Exit codes: masq-tcpserver(8).
+"""
+import os
+import sys
+
+from masq import Error, program
+from masq.program import Exit
+
+IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd"}
+BACKLOG = 64
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        limit = int(args["-c"])
+        if limit < 1:
+            raise ValueError
+    except ValueError:
+        raise Error(f"bad connection limit {args['-c']}: give a positive number",
+                    code=Exit.USAGE, temporary=False) from None
+    argv = args["PROGRAM"]
+    runner = _in_process(argv)
+    sock = listen(args["HOST"], args["PORT"])
+    if args["-1"]:
+        sys.stdout.write(f"{sock.getsockname()[1]}\n")
+        sys.stdout.flush()
+    serve(sock, argv, limit, runner)
+    return Exit.OK
+
+
+def parse(argv):
+    """Options as getopt(3) reads them (docopt takes `-1` for a number)."""
+    import getopt
+    try:
+        opts, rest = getopt.getopt(argv, "c:1h", ["help"])
+    except getopt.GetoptError as e:
+        raise Error(f"{e}: see masq-tcpserver --help", code=Exit.USAGE, temporary=False) from None
+    args = {"-c": "40", "-1": False}
+    for name, value in opts:
+        if name in ("-h", "--help"):
+            program.parse(__doc__, ["--help"])
+        args[name] = value if name == "-c" else True
+    if len(rest) < 3:
+        raise Error("need HOST PORT PROGRAM: see masq-tcpserver --help",
+                    code=Exit.USAGE, temporary=False)
+    args["HOST"], args["PORT"], args["PROGRAM"] = rest[0], rest[1], rest[2:]
+    return args
+
+
+def _in_process(argv):
+    """The main() to call in a forked child for a program we carry, else None."""
+    module_name = IN_PROCESS.get(os.path.basename(argv[0]))
+    if module_name is None:
+        return None
+    import importlib
+    module = importlib.import_module(module_name)
+    module.preload(argv[1:])
+    return module.main
+
+
+def listen(host, port):
+    """A listening socket on HOST PORT (numeric host; 0 means every IPv4 address)."""
+    import socket
+    if host == "0":
+        host = "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError) as e:
+        raise Error(f"bad address {host} port {port}: {e}: give numbers",
+                    code=Exit.USAGE, temporary=False) from None
+    family, kind, proto, _, where = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(where)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        raise Error(f"unable to bind {host} port {port}: {e.strerror}",
+                    code=Exit.TEMPORARY) from None
+    sock.setblocking(False)
+    return sock
+
+
+def serve(sock, argv, limit, runner):
+    """Accept until SIGTERM, at most `limit` children at once; reap them."""
+    import select
+    import signal
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    stop = []
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    children = set()
+    poller = select.poll()
+    poller.register(wake_r, select.POLLIN)
+    listening = False
+    import gc
+    gc.collect()
+    gc.freeze()         # a child's collections skip the listener's objects: less copy-on-write
+    program.title(f"masq-tcpserver {sock.getsockname()[0]} {sock.getsockname()[1]}")
+    while not stop:
+        _reap(children)
+        if (len(children) < limit) != listening:
+            listening = not listening
+            if listening:
+                poller.register(sock, select.POLLIN)
+            else:
+                poller.unregister(sock)
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif not stop and len(children) < limit:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError as e:        # EMFILE and friends: say so, go on
+                    program._say(f"{program.name()}: warning: unable to accept: {e.strerror}")
+                    continue
+                pid = _start(conn, sock, argv, runner, (wake_r, wake_w))
+                if pid > 0:
+                    children.add(pid)
+                conn.close()
+    sock.close()
+
+
+def _reap(children):
+    while children:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+
+
+def _start(conn, sock, argv, runner, wake):
+    """Fork a child with the connection on fds 0 and 1; return its pid."""
+    try:
+        pid = os.fork()
+    except OSError as e:
+        program._say(f"{program.name()}: warning: unable to fork: {e.strerror}")
+        return -1
+    if pid:
+        return pid
+    code = Exit.TEMPORARY
+    try:
+        import signal
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        sock.close()
+        for fd in wake:
+            os.close(fd)
+        _set_environ(conn)
+        conn.setblocking(True)
+        os.dup2(conn.fileno(), 0)
+        os.dup2(conn.fileno(), 1)
+        conn.close()
+        if runner is None:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            try:
+                os.execvp(argv[0], argv)
+            except OSError as e:
+                program._say(f"{program.name()}: fatal: unable to run {argv[0]}: {e.strerror}")
+                code = Exit.TEMPORARY
+        else:
+            sys.argv = list(argv)
+            code = program.run(runner, argv[1:])
+            # the client sees the end now, not after the kernel has torn
+            # down this process's copy of the listener's memory
+            os.close(0)
+            os.close(1)
+    except BaseException:  # noqa: BLE001 -- a child must never return into the loop
+        pass
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(code if isinstance(code, int) else Exit.TEMPORARY)
+
+
+def _set_environ(conn):
+    """tcp-environ(5), without DNS: TCPREMOTEHOST and TCPREMOTEINFO are unset."""
+    local, remote = conn.getsockname(), conn.getpeername()
+    os.environ.update({"PROTO": "TCP", "TCPLOCALIP": _ip(local[0]),
+                       "TCPLOCALPORT": str(local[1]), "TCPREMOTEIP": _ip(remote[0]),
+                       "TCPREMOTEPORT": str(remote[1])})
+    for name in ("TCPREMOTEHOST", "TCPREMOTEINFO", "TCPLOCALHOST"):
+        os.environ.pop(name, None)
+
+
+def _ip(text):
+    """An IPv4-mapped IPv6 address as plain IPv4, as tcpserver shows it."""
+    return text[7:] if text.startswith("::ffff:") and "." in text else text
