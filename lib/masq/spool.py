@@ -78,6 +78,7 @@ class Spool:
 
     def __init__(self, path):
         self.path = path
+        self._sync_fds = {}
 
     def folder(self, name):
         return os.path.join(self.path, name)
@@ -143,6 +144,34 @@ class Spool:
     def sync(self, stage):
         """fsync a stage folder, making the renames into it durable."""
         _fsync_dir(self.folder(stage))
+
+    def sync_shared(self, stage):
+        """fsync a stage folder after a rename, sharing the fsync with other writers.
+
+        Group commit: one fsync of a folder makes every rename done into it
+        before the fsync started durable.  Writers that renamed while another
+        one's fsync ran queue on a flock; the first of them fsyncs once for
+        all, and the others find that a sync which started after their own
+        rename has completed.  `.sync-STAGE` holds two counters: syncs
+        started, and the start number of the last one completed.
+        """
+        fd = self._sync_fds.get(stage)
+        if fd is None:
+            fd = os.open(self.folder(f".sync-{stage}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            self._sync_fds[stage] = fd
+        before = _counters(fd)[0]           # syncs started before our rename was done
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            started, completed = _counters(fd)
+            if completed > before:
+                return                      # a sync that began after our rename has ended
+            started += 1
+            os.pwrite(fd, b"%020d" % started, 0)
+            _fsync_dir(self.folder(stage))
+            os.pwrite(fd, b"%020d" % started, 20)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class NewMessage:
@@ -225,7 +254,7 @@ class NewMessage:
             os.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
             os.fsync(self.fd)
             os.rename(self.tmp, os.path.join(self.spool.folder("incoming"), self.id))
-            _fsync_dir(self.spool.folder("incoming"))
+            self.spool.sync_shared("incoming")
         except OSError as e:
             raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
         self._committed = True
@@ -431,6 +460,14 @@ def _records(pairs):
         value = str(value).replace("\n", " ").replace("\r", " ")
         out.append(f"{word} {value}\n")
     return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def _counters(fd):
+    """(syncs started, start number of the last sync completed) from a .sync file."""
+    data = os.pread(fd, 40, 0)
+    started = int(data[:20] or b"0")
+    completed = int(data[20:40] or b"0")
+    return started, completed
 
 
 def _fsync_dir(path):
