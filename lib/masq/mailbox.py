@@ -26,6 +26,7 @@ import os
 import time
 
 from masq import Error
+from masq.spool import fsync_dir
 
 COPY_BYTES = 65536
 LOCK_WAIT_SECONDS = 60          # then give up and let the queue retry
@@ -73,7 +74,7 @@ def maildir(folder, head, stream):
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
             os.rename(tmp, new)     # a file system without hard links
-        _fsync_dir(os.path.join(folder, "new"))
+        fsync_dir(os.path.join(folder, "new"))
     except OSError as e:
         _unlink(tmp)
         raise DeliveryError(f"unable to write into maildir {folder}: {e.strerror}") from None
@@ -93,8 +94,8 @@ def _make_maildir(folder):
             os.makedirs(path, 0o700, exist_ok=True)
             made = True
     if made:
-        _fsync_dir(folder)
-        _fsync_dir(os.path.dirname(folder) or ".")
+        fsync_dir(folder)
+        fsync_dir(os.path.dirname(folder) or ".")
 
 
 def _unique_name():
@@ -375,14 +376,6 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path):

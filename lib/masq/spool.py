@@ -143,7 +143,7 @@ class Spool:
 
     def sync(self, stage):
         """fsync a stage folder, making the renames into it durable."""
-        _fsync_dir(self.folder(stage))
+        fsync_dir(self.folder(stage))
 
     def sync_shared(self, stage):
         """fsync a stage folder after a rename, sharing the fsync with other writers.
@@ -168,7 +168,7 @@ class Spool:
                 return                      # a sync that began after our rename has ended
             started += 1
             os.pwrite(fd, b"%020d" % started, 0)
-            _fsync_dir(self.folder(stage))
+            fsync_dir(self.folder(stage))
             os.pwrite(fd, b"%020d" % started, 20)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -406,7 +406,7 @@ class Message:
         try:
             os.rename(self.path, target)
             if sync:
-                _fsync_dir(self.spool.folder(stage))
+                fsync_dir(self.spool.folder(stage))
         except OSError as e:
             raise SpoolError(f"unable to move {self.path} to {stage}: {e.strerror}") from None
         self.stage, self.path = stage, target
@@ -470,7 +470,8 @@ def _counters(fd):
     return started, completed
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """Make the names in a folder durable (renames, links, new files)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
