@@ -43,6 +43,7 @@ DEFAULTS = {
     "queue.max_age_offline": 2592000,  # 30 days waiting for a route
     "queue.interval": 600,             # daemon: a full queue run at least this often
     "queue.parallel": 2,
+    "queue.hoststat_timeout": 1800,   # runq trusts a host's failure this long
     "online.detect": "always",
     "online.file": "online",
     "online.command": "",

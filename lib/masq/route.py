@@ -138,6 +138,72 @@ def rewrite(table, addr):
     return addr
 
 
+REWRITTEN_HEADERS = (b"from", b"sender", b"reply-to")
+
+
+def rewrite_headers(table, head):
+    """A header section (bytes, LF) with rewrite_sender applied to From:, Sender:
+    and Reply-To:; every other byte stays as it was."""
+    if not table.get("rewrite_sender"):
+        return head
+    out, field = [], []
+
+    def flush():
+        if field:
+            raw = b"".join(field)
+            name = raw.partition(b":")[0].strip().lower()
+            out.append(_rewrite_field(table, raw) if name in REWRITTEN_HEADERS else raw)
+            field.clear()
+    for line in head.splitlines(keepends=True):
+        if line[:1] not in (b" ", b"\t"):
+            flush()
+        field.append(line)
+    flush()
+    return b"".join(out)
+
+
+def _rewrite_field(table, raw):
+    """One header field with each address in it rewritten (RFC 5322 3.4)."""
+    import re
+    name, colon, value = raw.partition(b":")
+    text = value.decode("utf-8", "surrogateescape")
+    masked = _mask(text)
+    spans = [(m.start(1), m.end(1)) for m in re.finditer(r"<([^<>]*)>", masked)]
+    bare = masked
+    for start, end in spans:
+        bare = bare[:start - 1] + " " * (end - start + 2) + bare[end + 1:]
+    spans += [m.span() for m in re.finditer(r"[^\s<>,;:\"()\x00]+@[^\s<>,;:\"()\x00]+", bare)]
+    for start, end in sorted(spans, reverse=True):
+        addr = text[start:end].strip()
+        if not addr or "@" not in addr:
+            continue
+        new = rewrite(table, addr)
+        if new != addr:
+            text = text[:start] + new + text[end:]
+    return name + colon + text.encode("utf-8", "surrogateescape")
+
+
+def _mask(text):
+    """Text with quoted strings and comments blanked out (same length)."""
+    out, depth, quoted, escaped = [], 0, False, False
+    for c in text:
+        hidden = quoted or depth > 0
+        if escaped:
+            escaped = False
+        elif c == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == '"':
+            quoted, hidden = True, True
+        elif c == "(":
+            depth, hidden = depth + 1, True
+        elif c == ")" and depth:
+            depth -= 1
+        out.append("\x00" if hidden else c)
+    return "".join(out)
+
+
 def route_table(conf, name):
     for route_name, table in conf.routes:
         if route_name == name:

@@ -49,6 +49,7 @@ SIZE_DIGITS = 16
 HEADER_BYTES = len(MAGIC) + SIZE_DIGITS + 1
 STAGES = ("incoming", "active", "hold")
 FOLDERS = ("tmp", *STAGES, "corrupt")
+KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal")
 COPY_BYTES = 65536
 MAX_RECORDS_BYTES = 64 * 1024 * 1024
 TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
@@ -536,7 +537,7 @@ def check(spool, repair=False):
                 if repair:
                     msg._append(b"", True)
     for name in os.listdir(spool.path):
-        if name not in FOLDERS and name not in ("trigger", "VERSION") and not name.startswith("."):
+        if name not in FOLDERS and name not in KNOWN_FILES and not name.startswith("."):
             yield f"{name}: not part of a masq spool"
     if not os.path.exists(spool.folder("VERSION")):
         yield "VERSION: missing"

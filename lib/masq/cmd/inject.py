@@ -2,9 +2,9 @@
 
 Usage:
   sendmail [-t] [-i] [-f ADDR] [-F NAME] [-odb | -odq | -odi] [-v] [-C FILE] [--] [ADDRESS...]
-  sendmail -bp | -bs | -bi | -q | -qo ROUTE [-C FILE]
+  sendmail -bp | -bs | -bi | -bh | -bH | -q | -qo ROUTE [-C FILE]
   sendmail -bv [-C FILE] ADDRESS...
-  mailq | runq | newaliases [-C FILE]
+  mailq | runq | newaliases | hoststat | purgestat [-C FILE]
   rmail [-C FILE] ADDRESS...
   mailrm [-C FILE] ID...
   masq-inject --help
@@ -20,6 +20,8 @@ Options:
   -bs       Speak SMTP on stdin and stdout.
   -bi       Check the aliases file (newaliases).
   -bv       Say where mail to each ADDRESS would go; send nothing.
+  -bh       Show the host status store (hoststat).
+  -bH       Empty the host status store (purgestat).
   -q        Run the queue once (runq).
   -qo ROUTE Run the queue once as if ROUTE were online.
   -odb      Deliver in the background after queuing (the default).
@@ -33,8 +35,9 @@ Options:
 Flags may be grouped (-ti) and values attached (-fADDR, -oi).  Accepted and
 ignored: -m, -B ARG, -N ARG, -oem, -oep, -oee and every -oe...; other -oX
 options are ignored with a warning.  The name called decides the default
-mode: mailq is -bp, runq is -q, newaliases is -bi, rmail is -i and drops a
-leading UUCP "From " line, mailrm ID... removes messages from the queue.
+mode: mailq is -bp, runq is -q, newaliases is -bi, hoststat is -bh,
+purgestat is -bH, rmail is -i and drops a leading UUCP "From " line,
+mailrm ID... removes messages from the queue.
 The message comes on stdin; exit codes are sysexits(3): masq-inject(8).
 """
 import os
@@ -43,9 +46,10 @@ import sys
 from masq import Error, program
 from masq.program import Exit
 
-MODES_BY_NAME = {"mailq": "p", "runq": "q", "newaliases": "i", "mailrm": "rm"}
+MODES_BY_NAME = {"mailq": "p", "runq": "q", "newaliases": "i", "mailrm": "rm",
+                 "hoststat": "h", "purgestat": "H"}
 MODE_WORDS = {"m": "-bm", "p": "-bp", "s": "-bs", "i": "-bi", "v": "-bv",
-              "q": "-q", "rm": "mailrm"}
+              "q": "-q", "rm": "mailrm", "h": "-bh", "H": "-bH"}
 VALUE_FLAGS = "fFrCNBob"         # these take a value, attached or as the next word
 IGNORED_FLAGS = "m"
 
@@ -143,7 +147,7 @@ def parse(argv, name):
                 raise UsageError(f"unknown option -{flag}")
     opts.args = argv[i:]
     mode = opts.mode or "m"
-    if mode in "psiq" and opts.args:
+    if mode in ("p", "s", "i", "q", "h", "H") and opts.args:
         raise UsageError(f"{MODE_WORDS[mode]} takes no addresses")
     if mode in ("v", "rm") and not opts.args:
         what = "ADDRESS" if mode == "v" else "ID"
@@ -154,7 +158,7 @@ def parse(argv, name):
 def option(opts, flag, value):
     """Take one option that has a value."""
     if flag == "b":
-        if value not in ("m", "p", "s", "i", "v"):
+        if value not in ("m", "p", "s", "i", "v", "h", "H"):
             hint = {"d": ": run masq-send as a daemon, and tcpserver with masq-smtpd"}
             raise UsageError(f"-b{value} is not supported{hint.get(value, '')}")
         set_mode(opts, value)
@@ -391,8 +395,32 @@ def _program_module(module, what):
                     temporary=False) from None
 
 
+def host_status(conf, opts):
+    """-bh, hoststat: the host status store, one line per destination."""
+    from masq import hoststat
+    store = hoststat.HostStat(conf.path("spool"))
+    try:
+        sys.stdout.writelines(hoststat.describe(store.list()))
+    finally:
+        store.close()
+    return Exit.OK
+
+
+def purge_host_status(conf, opts):
+    """-bH, purgestat: forget every host's status, so the next run tries them all."""
+    from masq import hoststat
+    store = hoststat.HostStat(conf.path("spool"))
+    try:
+        count = store.purge()
+    finally:
+        store.close()
+    if opts.verbose:
+        program._say(f"{program.name()}: forgot {count} host(s)")
+    return Exit.OK
+
+
 RUN_MODE = {"p": list_queue, "q": run_queue, "v": verify, "i": check_aliases,
-            "s": smtp, "rm": remove}
+            "s": smtp, "rm": remove, "h": host_status, "H": purge_host_status}
 
 
 class Input:

@@ -2,17 +2,25 @@
 
 Usage:
   masq-setup local-only DIR [--hostname NAME] [--mailbox KIND]
+  masq-setup smarthost DIR --relay HOST:PORT [--user NAME] [--hostname NAME] [--mailbox KIND]
+  masq-setup direct DIR [--hostname NAME] [--mailbox KIND]
+  masq-setup lan-server DIR --lan CIDR... [--hostname NAME] [--mailbox KIND]
   masq-setup -h | --help
 
 Options:
-  --hostname NAME  The host's mail name [default: the host's name].
-  --mailbox KIND   maildir, mbox or mda [default: maildir].
-  -h --help        Show this.
+  --hostname NAME    The host's mail name [default: the host's name].
+  --mailbox KIND     maildir, mbox or mda [default: maildir].
+  --relay HOST:PORT  The smarthost (port 465: implicit TLS, else STARTTLS).
+  --user NAME        Log in to the smarthost as NAME; the password is the
+                     first line of stdin, kept in DIR/smarthost.secret.
+  --lan CIDR         A network whose hosts may relay through this one.
+  -h --help          Show this.
 
 Writes DIR/masq.toml, DIR/aliases, DIR/spool/, DIR/mail/ and DIR/bin/ with
-the sendmail, mailq, runq, newaliases, rmail and mailrm links, so that
-DIR/bin/sendmail works at once and finds DIR/masq.toml by itself.
-An existing masq.toml or aliases file is left as it is.
+the sendmail, mailq, runq, newaliases, rmail, mailrm, hoststat and
+purgestat links, so that DIR/bin/sendmail works at once and finds
+DIR/masq.toml by itself.  An existing masq.toml or aliases file is left as
+it is.
 """
 import os
 import pwd
@@ -21,8 +29,12 @@ import sys
 from masq import Error, program
 from masq.program import Exit
 
-LINKS = ("sendmail", "mailq", "runq", "newaliases", "rmail", "mailrm")
+PROFILES = ("local-only", "smarthost", "direct", "lan-server")
+LINKS = ("sendmail", "mailq", "runq", "newaliases", "rmail", "mailrm", "hoststat",
+         "purgestat")
 PROGRAMS = ("masq-send", "masq-queue", "masq-route", "masq-local")
+SECRET_FILE = "smarthost.secret"
+LOOPBACK = ["127.0.0.0/8", "::1/128"]
 
 LOCAL_ONLY = """\
 # masq configuration for {profile} (masq.toml(5)); written by masq-setup.
@@ -44,6 +56,35 @@ users = "any"
 detect = "always"
 """
 
+ONLINE_NOTE = """\
+# Always online while the network is up.  For a host that is online only
+# sometimes: detect = "file", and `echo {route} > {folder}/online` when
+# the connection is up (rm it when it goes down); mail waits meanwhile.
+file = "online"
+"""
+
+SMTPD = """
+[smtpd]
+# Hosts that may send mail to any domain through masq-smtpd; anyone else
+# may only send to the local domains.  Never 0.0.0.0/0: that is an open relay.
+relay_nets = [{nets}]
+"""
+
+SMARTHOST = """
+[route.smarthost]
+# Every mail that is not local goes to this host.
+host = "{host}"
+tls = "{tls}"
+{auth}"""
+
+DIRECT = """
+[route.direct]
+# No host: straight to the MX of each recipient's domain, STARTTLS when
+# offered (tls = "may").  Needs a fixed address with working reverse DNS
+# and port 25 open to the outside; else use the smarthost profile.
+tls = "may"
+"""
+
 ALIASES = """\
 # aliases(5) for masq: "name: target, target, ..."; see masq-local(8).
 # A target is a local user, an address, "|command", "/path/to/mbox" or
@@ -54,32 +95,115 @@ abuse: postmaster
 {root}"""
 
 
+class UsageError(Error):
+    code = Exit.USAGE
+    temporary = False
+
+
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
     folder = os.path.abspath(args["DIR"])
+    profile = next(p for p in PROFILES if args[p])
     mailbox = args["--mailbox"]
     if mailbox not in ("maildir", "mbox", "mda"):
-        raise Error("--mailbox must be maildir, mbox or mda", code=Exit.USAGE, temporary=False)
+        raise UsageError("--mailbox must be maildir, mbox or mda")
     hostname = args["--hostname"]
     if hostname == "the host's name":
         hostname = os.uname().nodename
+    extra = profile_text(profile, folder, args)
+    password = _password() if args["--user"] else None
     user = _user()
     try:
-        write(folder, "local-only", hostname, mailbox, user)
+        write(folder, profile, hostname, mailbox, user, extra)
+        if password is not None:
+            write_secret(os.path.join(folder, SECRET_FILE), password)
     except OSError as e:
         raise Error(f"unable to write {e.filename}: {e.strerror}", code=Exit.CANTCREAT) from None
-    print(f"masq-setup: wrote {folder}; send with {folder}/bin/sendmail, "
+    print(f"masq-setup: wrote {folder} ({profile}); send with {folder}/bin/sendmail, "
           f"mail lands in {folder}/mail/")
     return Exit.OK
 
 
-def write(folder, profile, hostname, mailbox, user):
+def profile_text(profile, folder, args):
+    """What a profile adds to the local-only configuration."""
+    if profile == "local-only":
+        return ""
+    if profile == "lan-server":
+        return SMTPD.format(nets=_list(LOOPBACK + [_lan(c) for c in args["--lan"]]))
+    if profile == "direct":
+        return ONLINE_NOTE.format(route="direct", folder=folder) \
+            + SMTPD.format(nets=_list(LOOPBACK)) + DIRECT
+    host, port = _relay(args["--relay"])
+    auth = ""
+    if args["--user"]:
+        name = args["--user"].replace("\\", "\\\\").replace('"', '\\"')
+        auth = f'auth = {{ user = "{name}", password_file = "{SECRET_FILE}" }}\n'
+    return ONLINE_NOTE.format(route="smarthost", folder=folder) \
+        + SMTPD.format(nets=_list(LOOPBACK)) \
+        + SMARTHOST.format(host=f"{host}:{port}", tls="tls" if port == 465 else "starttls",
+                           auth=auth)
+
+
+def _relay(text):
+    """(host, port) from HOST:PORT or [v6]:PORT."""
+    host, _, port = (text or "").rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c in host for c in ' "\\[]'):
+        raise UsageError(f"--relay {text}: give HOST:PORT, e.g. smtp.isp.example:587")
+    return (f"[{host}]" if ":" in host else host), int(port)
+
+
+def _lan(text):
+    """A LAN network for relay_nets; the whole Internet is refused."""
+    import ipaddress
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise UsageError(f"--lan {text}: not a network (e.g. 192.168.1.0/24)") from None
+    if not (net.is_private or net.is_link_local or net.is_loopback) or net.prefixlen < 8:
+        raise UsageError(f"--lan {text}: not a private network: letting it relay "
+                         "would make an open relay")
+    return str(net)
+
+
+def _list(items):
+    return ", ".join(f'"{i}"' for i in items)
+
+
+def _password():
+    """The smarthost password: the first line of stdin (a prompt on a terminal)."""
+    if sys.stdin.isatty():
+        import getpass
+        line = getpass.getpass("smarthost password: ")
+    else:
+        line = sys.stdin.readline()
+    line = line.rstrip("\r\n")
+    if not line:
+        raise UsageError("--user needs the password as the first line of stdin")
+    return line
+
+
+def write_secret(path, password):
+    """The password file, mode 0600 from its creation, replaced atomically."""
+    tmp = f"{path}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, password.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def write(folder, profile, hostname, mailbox, user, extra=""):
     """Make the folder; keep files a person may have edited."""
     from masq import spool
     os.makedirs(folder, exist_ok=True)
     path = {"maildir": "mail/{user}/", "mbox": "mail/{user}", "mda": "mail/{user}"}[mailbox]
     _write_new(os.path.join(folder, "masq.toml"), LOCAL_ONLY.format(
-        profile=profile, hostname=hostname, mailbox=mailbox, path=path))
+        profile=profile, hostname=hostname, mailbox=mailbox, path=path) + extra)
     root = f"root: {user}\n" if user != "root" else ""
     _write_new(os.path.join(folder, "aliases"), ALIASES.format(user=user, root=root))
     spool.Spool(os.path.join(folder, "spool")).create()
