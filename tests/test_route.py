@@ -111,3 +111,14 @@ def test_aliases_are_followed_to_their_final_targets(masq):
     assert line.startswith("team@localhost: alias team -> local, maildir ")
     assert "/mail/bob/; local, maildir " in line and "/mail/carol/" in line
     assert "forward to <x@remote.example>; pipe to /bin/cat; append to /tmp/box" in line
+
+
+def test_route_max_size_sends_big_mail_another_way_or_bounces(masq):
+    from conftest import enqueue
+    text = open(masq.conf).read()
+    masq.set_config(text + '\n[route.small]\nhost = "127.0.0.1:1"\nmax_size = 100\n')
+    enqueue(masq, b"Subject: big\n\n" + b"x" * 500 + b"\n", "alice@test.example",
+            ["x@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    [bounce] = list(masq.maildir("alice"))
+    assert b"larger than route small takes (100 bytes)" in bounce.as_bytes()

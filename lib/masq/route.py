@@ -79,13 +79,17 @@ def _command_output(command):
     return p.stdout.decode("utf-8", "replace").split() if p.returncode == 0 else []
 
 
-def decide(conf, recipient, sender="", up=(), from_header=None):
-    """The Decision for one recipient."""
+def decide(conf, recipient, sender="", up=(), from_header=None, size=None):
+    """The Decision for one recipient (of a message of `size` bytes, if known)."""
     if not address.domain_of(recipient) or address.is_local(recipient, conf.local_domains):
         return Decision("local")
-    waiting = None
+    waiting, too_big = None, None
     for name, table in conf.routes:
         if not allows(table, sender, recipient, from_header):
+            continue
+        limit = table.get("max_size")
+        if size is not None and isinstance(limit, int) and size > limit:
+            too_big = too_big or (name, limit)
             continue
         if name in up:
             return Decision("route", name)
@@ -93,6 +97,9 @@ def decide(conf, recipient, sender="", up=(), from_header=None):
     if waiting:
         return Decision("wait", waiting, f"waiting for route {waiting} to come online")
     domain = address.domain_of(recipient)
+    if too_big:
+        return Decision("bounce", reason=f"message of {size} bytes is larger than route "
+                        f"{too_big[0]} takes ({too_big[1]} bytes) (5.3.4)")
     if not conf.routes:
         return Decision("bounce", reason=f"no route for mail to {domain}: "
                         "this host delivers locally only (5.4.4)")

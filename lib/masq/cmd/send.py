@@ -183,7 +183,7 @@ class Runner:
             local = []
             for i in msg.pending():
                 rcpt = msg.recipients[i]
-                d = route.decide(self.conf, rcpt, msg.sender, self.up, from_header)
+                d = route.decide(self.conf, rcpt, msg.sender, self.up, from_header, msg.size)
                 if d.kind == "local":
                     local.append(i)
                 elif d.kind == "route":
