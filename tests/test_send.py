@@ -156,3 +156,22 @@ def test_bad_usage(masq):
     r = masq.run(["masq-send", "--bogus"])
     assert r.rc == 64
     assert masq.run(["masq-send", "--help"]).rc == 0
+
+
+def test_daemon_keeps_running_when_online_detection_fails(masq):
+    text = open(masq.conf).read().replace('detect = "always"', 'detect = "command"')
+    masq.set_config(text)           # no online.command: detection fails every time
+    daemon = subprocess.Popen([os.path.join(BIN, "masq-send")], env=masq.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: "daemon started" in log(masq)), log(masq)
+        enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+        new = os.path.join(masq.dir, "mail/bob/new")
+        assert wait_for(lambda: os.path.isdir(new) and len(os.listdir(new)) == 1)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert b"online.command" in daemon.stderr.read()

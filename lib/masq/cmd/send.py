@@ -595,10 +595,9 @@ class Daemon:
             raise Error(f"unable to open {fifo}: {e.strerror}; "
                         "make the spool with masq-setup") from None
         log.line(f"daemon started on {self.queue.path}")
-        self.full_scan()
         while not self.stopping:
-            up = route.online(self.conf, self.forced)
-            if up != self.up:
+            up = self.online()
+            if up != self.up:           # at start too: the first full scan
                 self.up = up
                 self.full_scan()
             wake = min(self.due.values(), default=time.time() + POLL_SECONDS)
@@ -619,6 +618,14 @@ class Daemon:
         os.close(wfd)
         log.line("daemon stopped")
         return Exit.OK
+
+    def online(self):
+        """The routes up now; on a broken online file or command, those up before."""
+        try:
+            return route.online(self.conf, self.forced)
+        except Error as e:
+            log.warn(f"{e}; keeping the routes known to be up")
+            return self.up if self.up is not None else set()
 
     def _stop(self, signum, frame):
         self.stopping = True
