@@ -175,3 +175,19 @@ def test_daemon_keeps_running_when_online_detection_fails(masq):
             daemon.kill()
             daemon.wait()
     assert b"online.command" in daemon.stderr.read()
+
+
+def test_days_spent_waiting_do_not_count_against_max_age(masq, tmp_path):
+    set_mda(masq, "cat >/dev/null; exit 75", tmp_path)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+    [qid] = masq.queue_ids("incoming")
+    path = os.path.join(masq.spool, "incoming", qid)
+    data = open(path, "rb").read()
+    head, _, rest = data.rpartition(b"\narrived ")
+    stamp, _, tail = rest.partition(b"\n")
+    old = b"%.3f" % (float(stamp) - 6 * 86400)      # arrived six days ago
+    with open(path, "wb") as f:
+        f.write(head + b"\narrived " + old + b"\n" + tail)
+    runq(masq)
+    assert masq.queue_ids("active") == [qid]         # deferred, not bounced
+    assert "status=bounced" not in log(masq)

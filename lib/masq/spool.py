@@ -317,6 +317,7 @@ class Message:
         self.state = {}             # index -> (word, time, text) of the last outcome
         self.attempts = {}          # index -> number of failed attempts
         self.last_attempt = 0.0
+        self.first_deferred = None  # when a temporary failure was first recorded
         self.warned = 0.0
         for raw in lines[:-1]:
             word, _, value = raw.decode("utf-8", "surrogateescape").partition(" ")
@@ -335,6 +336,8 @@ class Message:
                 self.last_attempt = max(self.last_attempt, when)
                 if word == "deferred":
                     self.attempts[index] = self.attempts.get(index, 0) + 1
+                    if self.first_deferred is None or when < self.first_deferred:
+                        self.first_deferred = when
             elif word == "warned":
                 try:
                     self.warned = float(value)

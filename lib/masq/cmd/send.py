@@ -409,10 +409,13 @@ def _outcomes(indices, results, relay):
 def _finish(conf, queue, plan):
     msg, now = plan.msg, plan.now
     age = now - msg.arrived
+    # queue.max_age counts from the first temporary failure, so that days spent
+    # waiting for a route to come up are not held against a route that is up
+    failing = now - (msg.first_deferred or now)
     final = []
     for word, i, text, relay in plan.outcomes:
-        if word == "deferred" and age > conf.get("queue.max_age"):
-            word, text = "failed", f"gave up after {age / 86400:.1f} days: {text}"
+        if word == "deferred" and failing >= conf.get("queue.max_age"):
+            word, text = "failed", f"gave up after {failing / 86400:.1f} days: {text}"
         final.append((word, i, text, relay))
     still_waiting = []
     for i, _reason in plan.waiting:
