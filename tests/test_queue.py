@@ -65,3 +65,14 @@ def test_check_finds_and_repairs_an_orphan(masq):
 def test_bad_usage_is_64(masq):
     r = masq.run(["masq-queue", "frobnicate"])
     assert r.rc == 64 and b"Usage:" in r.err
+
+
+def test_check_repair_writes_a_missing_version_and_reports_what_it_cannot_mend(masq):
+    os.unlink(os.path.join(masq.spool, "VERSION"))
+    with open(os.path.join(masq.spool, "stray"), "w") as f:
+        f.write("not ours")
+    r = masq.run(["masq-queue", "check", "--repair"])
+    assert r.rc == 65, r
+    assert b"VERSION: missing: written" in r.out and b"still: stray: not part" in r.out
+    os.unlink(os.path.join(masq.spool, "stray"))
+    masq.run(["masq-queue", "check"]).ok()

@@ -543,7 +543,9 @@ def check(spool, repair=False):
         if name not in FOLDERS and name not in KNOWN_FILES and not name.startswith("."):
             yield f"{name}: not part of a masq spool"
     if not os.path.exists(spool.folder("VERSION")):
-        yield "VERSION: missing"
+        yield "VERSION: missing" + (": written" if repair else "")
+        if repair:
+            spool.create()
     else:
         with open(spool.folder("VERSION")) as f:
             if f.read().strip() != f"masq-spool {VERSION}":

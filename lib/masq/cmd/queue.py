@@ -53,9 +53,11 @@ def main(argv=None):
         problems = list(spool.check(queue, repair=args["--repair"]))
         for line in problems:
             print(line)
-        if problems and not args["--repair"]:
-            return Exit.DATAERR
-        return Exit.OK
+        if problems and args["--repair"]:
+            problems = list(spool.check(queue))     # what repair could not mend
+            for line in problems:
+                print(f"still: {line}")
+        return Exit.DATAERR if problems else Exit.OK
     return change(conf, queue, args)
 
 
