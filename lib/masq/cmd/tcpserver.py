@@ -25,6 +25,7 @@ from masq.program import Exit
 
 IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd"}
 BACKLOG = 64
+ACCEPT_PAUSE_SECONDS = 0.5      # after accept fails (EMFILE...), listen again after this
 
 
 def main(argv=None):
@@ -104,6 +105,7 @@ def serve(sock, argv, limit, runner):
     """Accept until SIGTERM, at most `limit` children at once; reap them."""
     import select
     import signal
+    import time
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     stop = []
     signal.set_wakeup_fd(wake_w)
@@ -118,15 +120,18 @@ def serve(sock, argv, limit, runner):
     gc.collect()
     gc.freeze()         # a child's collections skip the listener's objects: less copy-on-write
     program.title(f"masq-tcpserver {sock.getsockname()[0]} {sock.getsockname()[1]}")
+    resume = 0.0            # after EMFILE: do not accept before this (monotonic)
     while not stop:
         _reap(children)
-        if (len(children) < limit) != listening:
-            listening = not listening
+        want = len(children) < limit and time.monotonic() >= resume
+        if want != listening:
+            listening = want
             if listening:
                 poller.register(sock, select.POLLIN)
             else:
                 poller.unregister(sock)
-        for fd, _ in poller.poll():
+        timeout = None if listening or not resume else max(0, resume - time.monotonic()) * 1000
+        for fd, _ in poller.poll(timeout):
             if fd == wake_r:
                 try:
                     while os.read(wake_r, 512):
@@ -138,8 +143,9 @@ def serve(sock, argv, limit, runner):
                     conn, _ = sock.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue
-                except OSError as e:        # EMFILE and friends: say so, go on
+                except OSError as e:        # EMFILE and friends: say so, pause, go on
                     program._say(f"{program.name()}: warning: unable to accept: {e.strerror}")
+                    resume = time.monotonic() + ACCEPT_PAUSE_SECONDS   # not a busy loop
                     continue
                 pid = _start(conn, sock, argv, runner, (wake_r, wake_w))
                 if pid > 0:
