@@ -79,7 +79,6 @@ class Spool:
 
     def __init__(self, path):
         self.path = path
-        self._sync_fds = {}
 
     def folder(self, name):
         return os.path.join(self.path, name)
@@ -156,11 +155,11 @@ class Spool:
         rename has completed.  `.sync-STAGE` holds two counters: syncs
         started, and the start number of the last one completed.
         """
-        fd = self._sync_fds.get(stage)
-        if fd is None:
-            fd = os.open(self.folder(f".sync-{stage}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
-            self._sync_fds[stage] = fd
+        path = self.folder(f".sync-{stage}")
+        fd = _sync_fds.get(path)
+        if fd is None:          # kept open for the process's life: one per spool folder
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _sync_fds[path] = fd
         before = _counters(fd)[0]           # syncs started before our rename was done
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -464,6 +463,9 @@ def _records(pairs):
         value = str(value).replace("\n", " ").replace("\r", " ")
         out.append(f"{word} {value}\n")
     return "".join(out).encode("utf-8", "surrogateescape")
+
+
+_sync_fds = {}         # .sync-STAGE path -> an open descriptor
 
 
 def _counters(fd):
