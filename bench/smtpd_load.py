@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load masq-smtpd behind a listener and report messages per second.
 
-Usage: bench/smtpd_load.py [--listener masq|ucspi] [--messages N] [--clients N]
+Usage: bench/smtpd_load.py [--listener masq|ucspi] [--maxuse N] [--messages N] [--clients N]
                            [--pipelined N] [--size BYTES] [--smtp-source PATH] [--keep]
 
 Makes a masq folder with masq-setup in a temporary folder, starts the
@@ -38,10 +38,11 @@ def message(tag, size):
     return head.encode() + line * max(1, size // len(line))
 
 
-def start_listener(kind, conf):
+def start_listener(kind, conf, maxuse=1):
     smtpd = os.path.join(BIN, "masq-smtpd")
     if kind == "masq":
-        argv = [os.path.join(BIN, "masq-tcpserver"), "-c", "100", "-1", "127.0.0.1", "0", smtpd]
+        argv = [os.path.join(BIN, "masq-tcpserver"), "-c", "100", "-m", str(maxuse), "-1",
+                "127.0.0.1", "0", smtpd]
     else:
         argv = ["tcpserver", "-c", "100", "-1", "-H", "-R", "-l", "localhost",
                 "127.0.0.1", "0", smtpd]
@@ -167,13 +168,15 @@ def main():
     ap.add_argument("--dir", default=None, help="where the masq folder goes (its disk counts)")
     ap.add_argument("--smtp-source", default=None, help="Postfix's smtp-source for step 2")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--maxuse", type=int, default=1,
+                    help="masq-tcpserver -m: connections one masq-smtpd child may serve")
     args = ap.parse_args()
     top = tempfile.mkdtemp(prefix="masq-bench-", dir=args.dir)
     folder = os.path.join(top, "masq")
     subprocess.run([os.path.join(BIN, "masq-setup"), "local-only", folder,
                     "--hostname", "test.example"], check=True, stdout=subprocess.DEVNULL)
     conf = os.path.join(folder, "masq.toml")
-    proc, port = start_listener(args.listener, conf)
+    proc, port = start_listener(args.listener, conf, args.maxuse)
     memory, stop = {}, threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, stop, memory), daemon=True)
     sampler.start()

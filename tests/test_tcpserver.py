@@ -35,3 +35,60 @@ def test_emfile_on_accept_pauses_instead_of_spinning(masq):
         server.terminate()
         server.wait(timeout=20)
     assert b"unable to accept" in server.stderr.read()
+
+
+def start(masq, *options):
+    server = subprocess.Popen([os.path.join(BIN, "masq-tcpserver"), *options, "-1", "127.0.0.1",
+                               "0", os.path.join(BIN, "masq-smtpd")], env=masq.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return server, int(server.stdout.readline())
+
+
+def send_one(port, n):
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo()
+        s.mail("a@client.example")
+        s.rcpt("bob@test.example")
+        code, text = s.data(b"Subject: %d\r\n\r\nhello\r\n" % n)
+        assert code == 250, text
+        return text.split()[-1].decode()       # "... queued as QID"
+
+
+def test_with_m_one_child_serves_several_connections_in_turn(masq):
+    server, port = start(masq, "-m", "20")
+    try:
+        # the listener and a waiting child race for each connection: over 12
+        # connections in turn the child takes some (all to the listener: 2**-12)
+        ids = [send_one(port, n) for n in range(12)]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    pids = {qid.split("-")[1] for qid in ids}  # a queue id holds its writer's pid
+    assert len(pids) < len(ids), ids
+    assert sorted(masq.queue_ids()) == sorted(ids)
+
+
+def test_without_m_every_connection_has_its_own_process(masq):
+    server, port = start(masq)
+    try:
+        ids = [send_one(port, n) for n in range(3)]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert len({qid.split("-")[1] for qid in ids}) == 3
+
+
+def test_sigterm_with_m_stops_the_waiting_children_too(masq):
+    server, port = start(masq, "-m", "50")
+    send_one(port, 0)                           # leaves a child waiting for more
+    server.terminate()
+    assert server.wait(timeout=20) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:          # the child sees the listener's EOF
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a child still listens after the listener stopped")

@@ -1,11 +1,13 @@
 """masq-tcpserver: accept TCP connections and run a program for each one.
 
 Usage:
-  masq-tcpserver [-c LIMIT] [-1] HOST PORT PROGRAM...
+  masq-tcpserver [-c LIMIT] [-m MAXUSE] [-1] HOST PORT PROGRAM...
   masq-tcpserver -h | --help
 
 Options:
   -c LIMIT   Run at most LIMIT programs at once [default: 40].
+  -m MAXUSE  Let a masq-smtpd child serve up to MAXUSE connections, one
+             after another, before it exits [default: 1].
   -1         Print the local port on stdout once listening.
   -h --help  Show this.
 
@@ -14,7 +16,10 @@ fd 1, and PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT
 describe it (tcp-environ(5); no DNS, so TCPREMOTEHOST is unset).  HOST is an
 IPv4 or IPv6 address, 0 for every IPv4 address, :: for every address.  When
 PROGRAM is masq-smtpd, its code runs in a forked child of this process
-instead of a fresh Python.  SIGTERM stops the listener; sessions finish.
+instead of a fresh Python; with -m, such a child waits (up to IDLE_SECONDS)
+for another connection after each session, as Postfix's max_use lets an
+smtpd process do, saving the fork and exit per connection; each session
+still gets a fresh environment.  SIGTERM stops the listener; sessions finish.
 Exit codes: masq-tcpserver(8).
 """
 import os
@@ -26,6 +31,7 @@ from masq.program import Exit
 IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd"}
 BACKLOG = 64
 ACCEPT_PAUSE_SECONDS = 0.5      # after accept fails (EMFILE...), listen again after this
+IDLE_SECONDS = 10               # with -m: a child waits this long for its next connection
 
 
 def main(argv=None):
@@ -37,13 +43,20 @@ def main(argv=None):
     except ValueError:
         raise Error(f"bad connection limit {args['-c']}: give a positive number",
                     code=Exit.USAGE, temporary=False) from None
+    try:
+        maxuse = int(args["-m"])
+        if maxuse < 1:
+            raise ValueError
+    except ValueError:
+        raise Error(f"bad -m {args['-m']}: give a positive number",
+                    code=Exit.USAGE, temporary=False) from None
     argv = args["PROGRAM"]
     runner = _in_process(argv)
     sock = listen(args["HOST"], args["PORT"])
     if args["-1"]:
         sys.stdout.write(f"{sock.getsockname()[1]}\n")
         sys.stdout.flush()
-    serve(sock, argv, limit, runner)
+    serve(sock, argv, limit, runner, maxuse)
     return Exit.OK
 
 
@@ -51,14 +64,14 @@ def parse(argv):
     """Options as getopt(3) reads them (docopt takes `-1` for a number)."""
     import getopt
     try:
-        opts, rest = getopt.getopt(argv, "c:1h", ["help"])
+        opts, rest = getopt.getopt(argv, "c:m:1h", ["help"])
     except getopt.GetoptError as e:
         raise Error(f"{e}: see masq-tcpserver --help", code=Exit.USAGE, temporary=False) from None
-    args = {"-c": "40", "-1": False}
+    args = {"-c": "40", "-m": "1", "-1": False}
     for name, value in opts:
         if name in ("-h", "--help"):
             program.parse(__doc__, ["--help"])
-        args[name] = value if name == "-c" else True
+        args[name] = value if name in ("-c", "-m") else True
     if len(rest) < 3:
         raise Error("need HOST PORT PROGRAM: see masq-tcpserver --help",
                     code=Exit.USAGE, temporary=False)
@@ -101,12 +114,15 @@ def listen(host, port):
     return sock
 
 
-def serve(sock, argv, limit, runner):
+def serve(sock, argv, limit, runner, maxuse=1):
     """Accept until SIGTERM, at most `limit` children at once; reap them."""
     import select
     import signal
     import time
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    # children that serve several connections watch this pipe: at its EOF
+    # (the listener stopped or died) they stop waiting for connections
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC) if maxuse > 1 else (None, None)
     stop = []
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -147,11 +163,16 @@ def serve(sock, argv, limit, runner):
                     program._say(f"{program.name()}: warning: unable to accept: {e.strerror}")
                     resume = time.monotonic() + ACCEPT_PAUSE_SECONDS   # not a busy loop
                     continue
-                pid = _start(conn, sock, argv, runner, (wake_r, wake_w))
+                pid = _start(conn, sock, argv, runner,
+                             [fd for fd in (wake_r, wake_w, alive_w) if fd is not None],
+                             alive_r, maxuse)
                 if pid > 0:
                     children.add(pid)
                 conn.close()
     sock.close()
+    for fd in (alive_w, alive_r):
+        if fd is not None:
+            os.close(fd)
 
 
 def _reap(children):
@@ -166,7 +187,7 @@ def _reap(children):
         children.discard(pid)
 
 
-def _start(conn, sock, argv, runner, wake):
+def _start(conn, sock, argv, runner, close, alive=None, maxuse=1):
     """Fork a child with the connection on fds 0 and 1; return its pid."""
     try:
         pid = os.fork()
@@ -181,15 +202,12 @@ def _start(conn, sock, argv, runner, wake):
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        sock.close()
-        for fd in wake:
+        for fd in close:
             os.close(fd)
-        _set_environ(conn)
-        conn.setblocking(True)
-        os.dup2(conn.fileno(), 0)
-        os.dup2(conn.fileno(), 1)
-        conn.close()
+        if alive is None:
+            sock.close()            # one connection: the listener is not ours to keep
         if runner is None:
+            _place(conn)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             try:
                 os.execvp(argv[0], argv)
@@ -198,11 +216,23 @@ def _start(conn, sock, argv, runner, wake):
                 code = Exit.TEMPORARY
         else:
             sys.argv = list(argv)
-            code = program.run(runner, argv[1:])
-            # the client sees the end now, not after the kernel has torn
-            # down this process's copy of the listener's memory
-            os.close(0)
-            os.close(1)
+            environ = dict(os.environ)
+            maxuse = maxuse if alive is not None else 1
+            for served in range(1, maxuse + 1):
+                os.environ.clear()
+                os.environ.update(environ)
+                _place(conn)
+                code = program.run(runner, argv[1:])
+                # the client sees the end now, not after the kernel has torn
+                # down this process's copy of the listener's memory; /dev/null
+                # keeps fds 0 and 1 taken, so the next accept cannot land there
+                _release_connection()
+                _cancel_alarm()
+                if served == maxuse or alive is None:
+                    break
+                conn = _next_connection(sock, alive)
+                if conn is None:
+                    break
     except BaseException:  # noqa: BLE001 -- a child must never return into the loop
         pass
     finally:
@@ -211,6 +241,50 @@ def _start(conn, sock, argv, runner, wake):
         except (OSError, ValueError):
             pass
         os._exit(code if isinstance(code, int) else Exit.TEMPORARY)
+
+
+def _place(conn):
+    """The connection on fds 0 and 1, described by tcp-environ(5)."""
+    _set_environ(conn)
+    conn.setblocking(True)
+    os.dup2(conn.fileno(), 0)
+    os.dup2(conn.fileno(), 1)
+    conn.close()
+
+
+def _release_connection():
+    """Put /dev/null on fds 0 and 1: the client's socket is closed, the fds stay taken."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if null > 1:
+        os.close(null)
+
+
+def _next_connection(sock, alive):
+    """Wait for the next connection on the listening socket; None to stop."""
+    import select
+    deadline_polls = IDLE_SECONDS
+    while deadline_polls > 0:
+        ready, _, _ = select.select([sock, alive], [], [], 1.0)
+        if alive in ready:
+            return None             # the listener is gone: stop at once
+        if sock in ready:
+            try:
+                conn, _ = sock.accept()
+                return conn
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue            # another process took it
+            except OSError:
+                return None
+        deadline_polls -= 1
+    return None
+
+
+def _cancel_alarm():
+    """No session's write deadline may outlive it (the C module: `signal` is slow)."""
+    import _signal
+    _signal.alarm(0)
 
 
 def _set_environ(conn):
