@@ -17,13 +17,14 @@ of connections the sink saw.
 """
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smtp_relay import Sink  # noqa: E402 -- the sink both relay benchmarks use
 
 BIN = os.path.dirname(sys.executable)
 
@@ -40,65 +41,6 @@ for i in range(count):
     enqueue(conf, io.BytesIO(head + body), envelope.Envelope("a@laptop.example.org",
             ["b@remote.example"]), {"proto": "local", "user": "bench"})
 """
-
-
-class Sink:
-    """250 to everything, one thread per connection; counts messages and connections."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.messages = self.connections = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def serve(self, conn):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sendall(b"220 sink ESMTP\r\n")
-        buf, in_data = b"", False
-        with conn:
-            while data := conn.recv(262144):
-                buf += data
-                out = []
-                while True:
-                    if in_data:
-                        end = buf.find(b"\r\n.\r\n")
-                        if end < 0:
-                            break
-                        buf, in_data = buf[end + 5:], False
-                        with self.lock:
-                            self.messages += 1
-                        out.append(b"250 ok\r\n")
-                        continue
-                    i = buf.find(b"\r\n")
-                    if i < 0:
-                        break
-                    line, buf = buf[:i].upper(), buf[i + 2:]
-                    if line.startswith(b"EHLO"):
-                        out.append(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                    elif line.startswith(b"DATA"):
-                        out.append(b"354 go on\r\n")
-                        in_data, buf = True, b"\r\n" + buf
-                    elif line.startswith(b"QUIT"):
-                        conn.sendall(b"".join(out) + b"221 bye\r\n")
-                        return
-                    else:
-                        out.append(b"250 ok\r\n")
-                if out:
-                    conn.sendall(b"".join(out))
 
 
 def folder(tmp, sink, reuse, parallel):

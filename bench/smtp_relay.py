@@ -28,7 +28,10 @@ BIN = os.path.dirname(sys.executable)
 
 
 class Sink:
-    """A minimal SMTP server: one thread per connection, 250 to everything."""
+    """A minimal SMTP server: one thread per connection, 250 to everything.
+
+    Counts the messages and the connections (bench/relay.py uses it too).
+    """
 
     def __init__(self):
         self.sock = socket.socket()
@@ -36,7 +39,7 @@ class Sink:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
-        self.messages = 0
+        self.messages = self.connections = 0
         self.lock = threading.Lock()
         threading.Thread(target=self.accept, daemon=True).start()
 
@@ -46,6 +49,8 @@ class Sink:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self.lock:
+                self.connections += 1
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
