@@ -50,7 +50,7 @@ def test_sendmail_runq_mbox_is_mboxrd_and_reads_back(masq):
 def test_sendmail_runq_procmail_as_the_mda(masq, tmp_path):
     target = tmp_path / "procmail-box"
     rc = tmp_path / "procmailrc"
-    rc.write_text(f"LOGFILE={tmp_path}/procmail.log\n:0:\n{target}/\n")
+    rc.write_text(f"LOGFILE={tmp_path}/procmail.log\n:0\n{target}/\n")   # a maildir: no lock
     use(masq, "mda", "mail/{user}/", mda=f"procmail -p -m {rc}")
     send_and_runq(masq)
     box = mailbox.Maildir(str(target), create=False)
