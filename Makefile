@@ -35,13 +35,12 @@ $(VAR)/masq.toml: | $(VENV)/.installed
 	$(VENV)/bin/masq-setup local-only $(VAR)
 
 run: compile $(VAR)/masq.toml
-	@echo
-	@echo "masq runs on $(VAR): the queue runner, and SMTP on 127.0.0.1:2525 (Ctrl-C stops both)."
-	@echo "In another terminal:"
-	@echo "  printf 'Subject: hello\n\nIt works.\n' | $(VAR)/bin/sendmail $$USER"
-	@echo "  swaks --server 127.0.0.1:2525 --to $$USER@localhost"
-	@echo "and the messages land in $(VAR)/mail/$$USER/new/ (the queue: $(VAR)/bin/mailq)."
-	@echo
+	@printf '%s\n' "" \
+	  "masq runs on $(VAR): the queue runner, and SMTP on 127.0.0.1:2525 (Ctrl-C stops both)." \
+	  "In another terminal:" \
+	  "  printf 'Subject: hello\\n\\nIt works.\\n' | $(VAR)/bin/sendmail $$(id -un)" \
+	  "  swaks --server 127.0.0.1:2525 --to $$(id -un)@localhost" \
+	  "and the messages land in $(VAR)/mail/$$(id -un)/new/ (the queue: $(VAR)/bin/mailq)." ""
 	@MASQ_CONF=$(VAR)/masq.toml $(VENV)/bin/masq-tcpserver 127.0.0.1 2525 $(VENV)/bin/masq-smtpd & \
 	  trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 	  $(VENV)/bin/masq-send -C $(VAR)/masq.toml
