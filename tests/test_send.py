@@ -191,3 +191,18 @@ def test_days_spent_waiting_do_not_count_against_max_age(masq, tmp_path):
     runq(masq)
     assert masq.queue_ids("active") == [qid]         # deferred, not bounced
     assert "status=bounced" not in log(masq)
+
+
+def test_one_delay_warning_when_a_recipient_fails_long_enough(masq, tmp_path):
+    set_mda(masq, f'if [ "$USER" = alice ]; then cat >> {tmp_path}/alice; exit 0; fi; '
+            'cat >/dev/null; echo "mailbox busy" >&2; exit 75', tmp_path)
+    masq.config("[queue]\nwarn_after = 0.001")
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+    for _ in range(4):
+        runq(masq)
+    warnings = (tmp_path / "alice").read_bytes()
+    assert warnings.count(b"Subject: Delayed Mail (still being retried)") == 1
+    assert b"Action: delayed" in warnings and b"Status: 4.0.0" in warnings
+    assert b"mailbox busy" in warnings
+    assert len(masq.queue_ids("active")) == 1          # still being retried
+    assert "status=delayed" in log(masq)

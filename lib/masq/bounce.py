@@ -1,9 +1,11 @@
-"""Delivery status notifications (RFC 3464) for recipients that failed.
+"""Delivery status notifications (RFC 3464) for recipients that failed or wait.
 
 A bounce goes from the null sender <> to the original sender, as
 multipart/report with a text part, a message/delivery-status part and the
 original headers (text/rfc822-headers).  A message from <> is never bounced
-(RFC 5321 section 6.1): its failure is only logged.
+(RFC 5321 section 6.1): its failure is only logged.  A delay warning is the
+same report with `Action: delayed`, sent once when a recipient has failed
+temporarily for queue.warn_after seconds.
 """
 import os
 import time
@@ -11,6 +13,11 @@ import time
 from masq import message
 
 MAX_HEADER_BYTES = 256 * 1024
+FAILED_TEXT = ("I'm sorry to have to inform you that your message could not",
+               "be delivered to one or more recipients. The reasons follow.")
+DELAYED_TEXT = ("This is a warning only: your message could not be delivered yet",
+                "to the recipients below. I will keep trying; you need not send",
+                "it again. The reasons follow.")
 
 
 def status_code(text, default="5.0.0"):
@@ -22,15 +29,16 @@ def status_code(text, default="5.0.0"):
     return default
 
 
-def build(conf, msg, failed, qid):
-    """The bytes of a bounce for msg; failed = [(recipient, reason)]."""
+def build(conf, msg, failed, qid, delayed=False):
+    """The bytes of a bounce (or a delay warning) for msg; failed = [(recipient, reason)]."""
     host = conf.hostname
     boundary = f"{qid}/{host}"
     arrival = message.date(msg.arrived)
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: <{msg.sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: " + ("Delayed Mail (still being retried)" if delayed
+                       else "Undelivered Mail Returned to Sender"),
         f"Date: {message.date()}",
         f"Message-ID: {message.message_id(qid, host)}",
         "Auto-Submitted: auto-replied",
@@ -46,8 +54,7 @@ def build(conf, msg, failed, qid):
         "",
         f"This is the mail system at host {host}.",
         "",
-        "I'm sorry to have to inform you that your message could not",
-        "be delivered to one or more recipients. The reasons follow.",
+        *(DELAYED_TEXT if delayed else FAILED_TEXT),
         "",
     ]
     for rcpt, reason in failed:
@@ -65,8 +72,8 @@ def build(conf, msg, failed, qid):
         kind = "smtp" if reason[:3].isdigit() or " said: " in reason else "x-masq"
         lines += [
             f"Final-Recipient: rfc822; {rcpt}",
-            "Action: failed",
-            f"Status: {status_code(reason)}",
+            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Status: {status_code(reason, '4.0.0' if delayed else '5.0.0')}",
             f"Diagnostic-Code: {kind}; {reason}",
             "",
         ]
@@ -87,14 +94,14 @@ def original_headers(msg):
     return data[:end + 1] if end >= 0 else data
 
 
-def send(conf, queue, msg, failed):
-    """Queue a bounce for `failed` recipients of msg; return its id, or None for <>."""
+def send(conf, queue, msg, failed, delayed=False):
+    """Queue a bounce (or a delay warning) for msg; return its id, or None for <>."""
     if not msg.sender:
         return None
     from masq import envelope, spool
     from masq.cmd.queue import enqueue
     stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
-    data = build(conf, msg, failed, stamp)
+    data = build(conf, msg, failed, stamp, delayed)
     env = envelope.Envelope("", [msg.sender])
     import io
     return enqueue(conf, io.BytesIO(data), env, {"proto": "local", "user": "MAILER-DAEMON"},

@@ -41,6 +41,7 @@ DEFAULTS = {
     "queue.retry_max": 14400,          # the back-off never waits longer
     "queue.max_age": 432000,           # 5 days on a route that is up
     "queue.max_age_offline": 2592000,  # 30 days waiting for a route
+    "queue.warn_after": 14400,         # a delay warning after 4 hours failing; 0: none
     "queue.interval": 600,             # daemon: a full queue run at least this often
     "queue.parallel": 2,
     "queue.hoststat_timeout": 1800,   # runq trusts a host's failure this long

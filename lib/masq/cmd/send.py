@@ -440,6 +440,7 @@ def _finish(conf, queue, plan):
     if final:
         msg.record([(word, i, text) for word, i, text, _ in final])
     if left:
+        _warn_if_late(conf, queue, msg, left, failing)
         tries = max(msg.attempts.get(i, 0) for _, i, _, _ in left) + 1
         return now + backoff(conf, tries)
     if untried:
@@ -471,6 +472,18 @@ def _label(conf, dest):
     if table.get("port") and not host.endswith("]") and ":" not in host:
         host += f":{table['port']}"
     return host
+
+
+def _warn_if_late(conf, queue, msg, left, failing):
+    """Tell the sender once that mail is late (queue.warn_after; 0: never)."""
+    after = conf.get("queue.warn_after")
+    if not after or msg.warned or failing < after or not msg.sender:
+        return
+    from masq import bounce
+    late = [(msg.recipients[i], text) for _, i, text, _ in left]
+    qid = bounce.send(conf, queue, msg, late, delayed=True)
+    msg.note_warned()
+    log.event(msg.id, f"{len(late)} recipient(s) late", warning=qid, status="delayed")
 
 
 def _bounce(conf, queue, msg, failed):
