@@ -61,8 +61,18 @@ lint: $(VENV)/.test-deps
 test: deps compile $(VENV)/.test-deps lint
 	$(VENV)/bin/python -m pytest tests
 
+# Every benchmark, with the sizes bench/README.md quotes (smtpd_load.py uses
+# Postfix's smtp-source when ../shared/tools/get-postfix-tools.sh has fetched it).
+SMTP_SOURCE := $(wildcard $(HOME)/.cache/masq-bench-tools/bin/smtp-source)
 bench: compile
-	$(VENV)/bin/python bench/run.py
+	$(PY) bench/local_path.py
+	$(PY) bench/sendmail_start.py
+	$(PY) bench/relay.py
+	$(PY) bench/smtp_relay.py
+	$(PY) bench/smtpd_load.py --messages 10000 --pipelined 2000 --size 4096 \
+	  $(if $(SMTP_SOURCE),--smtp-source $(SMTP_SOURCE))
+	$(PY) bench/smtpd_load.py --maxuse 100 --messages 10000 --pipelined 2000 --size 4096 \
+	  $(if $(SMTP_SOURCE),--smtp-source $(SMTP_SOURCE))
 
 clean:
 	rm -rf $(VENV) build lib/*.egg-info
