@@ -45,6 +45,10 @@ DEFAULTS = {
     "queue.interval": 600,             # daemon: a full queue run at least this often
     "queue.parallel": 2,
     "queue.hoststat_timeout": 1800,   # runq trusts a host's failure this long
+    "smtpd.tls_cert": "",
+    "smtpd.tls_key": "",
+    "smtpd.passwords": "passwd",
+    "smtpd.auth_without_tls": False,
     "online.detect": "always",
     "online.file": "online",
     "online.command": "",

@@ -24,6 +24,9 @@ GREETING = "220 {} ESMTP masq"
 PREGREET = "521 5.5.1 {} Error: protocol error, talked before the greeting"
 EHLO_KEYWORDS = ("PIPELINING", "SIZE {}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8",
                  "CHUNKING")
+STARTTLS_KEYWORD = "STARTTLS"           # RFC 3207
+AUTH_KEYWORD = "AUTH PLAIN LOGIN"       # RFC 4954, RFC 4616
+AUTH_LINE_MAX_BYTES = 1024              # an AUTH command or response line, CRLF included
 HELO_OK = "250 {}"
 OK = "250 2.0.0 Ok"
 SENDER_OK = "250 2.1.0 Ok"
@@ -33,6 +36,9 @@ QUEUED_NO_ID = "250 2.0.0 Ok: queued"
 CHUNK_OK = "250 2.0.0 Ok: {} octets"
 BYE = "221 2.0.0 Bye"
 HELP = "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+READY_TLS = "220 2.0.0 Ready to start TLS"
+AUTH_CHALLENGE = "334 {}"
+AUTH_OK = "235 2.7.0 Authentication successful"
 VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 TIMEOUT = "421 4.4.2 {} Error: timeout exceeded"
@@ -40,6 +46,8 @@ CONFIG_ERROR = "421 4.3.5 Error: server configuration error"
 INTERNAL_ERROR = "421 4.3.0 Error: internal error"
 ALIASES_UNAVAILABLE = "451 4.3.0 Error: alias table unavailable, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 {} Error: too many errors"
+TLS_UNAVAILABLE = "454 4.7.0 TLS not available due to local problem"
+AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"
 QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 UNRECOGNIZED = "502 5.5.2 Error: command not recognized"
@@ -48,12 +56,21 @@ LINE_TOO_LONG = "500 5.5.2 Error: line too long"
 BARE_LINE_END_COMMAND = "500 5.5.2 Error: command line not ended by CRLF"
 BAD_UTF8 = "500 5.5.2 Error: command is not valid UTF-8"
 SYNTAX = "501 5.5.4 Syntax: {}"
+TLS_PIPELINED = "501 5.5.4 Error: nothing may follow STARTTLS before the TLS handshake"
+AUTH_CANCELLED = "501 5.0.0 Error: authentication cancelled"
+AUTH_BAD_BASE64 = "501 5.5.2 Error: cannot decode the response (base64)"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
 NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
 NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
+AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
+ALREADY_AUTHENTICATED = "503 5.5.1 Error: already authenticated"
+AUTH_MECHANISM = "504 5.5.4 Error: unsupported authentication mechanism"
+AUTH_FAILED = "535 5.7.8 Error: authentication credentials invalid"
 NO_VALID_RCPTS = "554 5.5.1 Error: no valid recipients"
 UNKNOWN_USER = "550 5.1.1 <{}>: Recipient address rejected: user unknown"
 BAD_MESSAGE = "550 5.6.0 Error: bare CR or LF in the message (RFC 5321 section 2.3.8)"
@@ -100,7 +117,11 @@ def reply_lines(code, lines):
 
 
 class Reader:
-    """Buffered reads from a descriptor, each wait bounded by `timeout` seconds."""
+    """Buffered reads from a descriptor, each wait bounded by `timeout` seconds.
+
+    Once `tls` is set (an ssl.SSLSocket on the same connection, after
+    STARTTLS) every read goes through it, with the same timeout.
+    """
 
     def __init__(self, fd, timeout=300.0):
         self.fd = fd
@@ -108,6 +129,7 @@ class Reader:
         self.buf = b""
         self.eof = False
         self.before_wait = None      # called before blocking (flush replies)
+        self.tls = None
 
     def pending(self):
         """True when input is already buffered (a pipelining client)."""
@@ -117,6 +139,8 @@ class Reader:
         """Read more into the buffer; raise ConnectionLost at end of input."""
         if self.eof:
             raise ConnectionLost("connection closed by the client")
+        if self.tls is not None:
+            return self._fill_tls()
         if self.before_wait:
             self.before_wait()
         poller = select.poll()
@@ -128,6 +152,22 @@ class Reader:
         except OSError as e:
             self.eof = True
             raise ConnectionLost(f"read error: {e.strerror}") from None
+        if not data:
+            self.eof = True
+            raise ConnectionLost("connection closed by the client")
+        self.buf += data
+
+    def _fill_tls(self):
+        if self.before_wait and not self.tls.pending():
+            self.before_wait()
+        self.tls.settimeout(self.timeout)
+        try:
+            data = self.tls.recv(READ_BYTES)
+        except TimeoutError:
+            raise TimeoutError_("timeout") from None
+        except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
+            self.eof = True
+            raise ConnectionLost(f"TLS read error: {e}") from None
         if not data:
             self.eof = True
             raise ConnectionLost("connection closed by the client")

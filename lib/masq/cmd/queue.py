@@ -89,7 +89,7 @@ def enqueue(conf, stream, env, trace, queue=None):
         log.setup(conf)
     log.event(qid, None, **{"from": f"<{env.sender}>"}, size=new.size,
               nrcpt=len(env.recipients), proto=trace.get("proto"),
-              client=trace.get("client") or trace.get("user"))
+              client=trace.get("client") or trace.get("user"), auth=trace.get("auth"))
     queue.trigger()
     return qid
 

@@ -5,6 +5,7 @@ Usage:
   masq-setup smarthost DIR --relay HOST:PORT [--user NAME] [--hostname NAME] [--mailbox KIND]
   masq-setup direct DIR [--hostname NAME] [--mailbox KIND]
   masq-setup lan-server DIR --lan CIDR... [--hostname NAME] [--mailbox KIND]
+  masq-setup passwd DIR USER
   masq-setup -h | --help
 
 Options:
@@ -21,6 +22,10 @@ the sendmail, mailq, runq, newaliases, rmail, mailrm, hoststat and
 purgestat links, so that DIR/bin/sendmail works at once and finds
 DIR/masq.toml by itself.  An existing masq.toml or aliases file is left as
 it is.
+
+`passwd` adds USER to the password file of masq-smtpd's AUTH ([smtpd]
+passwords in DIR/masq.toml, default DIR/passwd), or replaces its password:
+the password is the first line of stdin, stored only as a salted hash.
 """
 import os
 import pwd
@@ -103,6 +108,8 @@ class UsageError(Error):
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
     folder = os.path.abspath(args["DIR"])
+    if args["passwd"]:
+        return set_password(folder, args["USER"])
     profile = next(p for p in PROFILES if args[p])
     mailbox = args["--mailbox"]
     if mailbox not in ("maildir", "mbox", "mda"):
@@ -183,6 +190,46 @@ def _password():
     if not line:
         raise UsageError("--user needs the password as the first line of stdin")
     return line
+
+
+def set_password(folder, user):
+    """masq-setup passwd: one user's line in the AUTH password file."""
+    from masq import passwords
+    try:
+        passwords.check_user(user)
+    except passwords.BadUserError as e:
+        raise UsageError(str(e)) from None
+    path = password_file(folder)
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass(f"password for {user}: ").encode()
+    else:
+        password = sys.stdin.buffer.readline()
+    password = password.rstrip(b"\r\n")
+    if not password:
+        raise UsageError("give the password as the first line of stdin")
+    try:
+        passwords.write_user(path, user, password)
+    except passwords.BadUserError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise Error(f"unable to write {e.filename or path}: {e.strerror}",
+                    code=Exit.CANTCREAT) from None
+    print(f"masq-setup: wrote the password of {user} into {path}")
+    return Exit.OK
+
+
+def password_file(folder):
+    """[smtpd] passwords of DIR/masq.toml, relative to DIR; DIR/passwd without one."""
+    conf_file = os.path.join(folder, "masq.toml")
+    if not os.path.exists(conf_file):
+        return os.path.join(folder, "passwd")
+    from masq import config
+    conf = config.load(conf_file)
+    value = conf.table("smtpd").get("passwords", "passwd")
+    if not isinstance(value, str) or not value:
+        raise config.ConfigError(f"{conf_file}: smtpd.passwords must be a file name")
+    return conf.path(value, is_value=True)
 
 
 def write_secret(path, password):

@@ -11,6 +11,8 @@ Options:
 SMTP commands come on fd 0, replies go to fd 1 (a socket from tcpserver,
 inetd or systemd, or a pair of pipes).  The client is described by
 TCPREMOTEIP, TCPREMOTEHOST and RELAYCLIENT (tcp-environ(5)); no DNS lookups.
+STARTTLS is offered when a certificate is configured and fds 0 and 1 are
+one socket; AUTH PLAIN and LOGIN only after it, against the password file.
 Each message goes to masq-queue in-process, or to the program $MASQ_QUEUE
 names; 250 is said only once it is durable.  Settings: [smtpd] in
 masq.toml(5).  Exit codes: masq-smtpd(8).
@@ -30,7 +32,13 @@ SETTINGS = {
     "data_timeout": 600,
     "greet_delay": 0,           # seconds to wait for a client that talks first
     "pregreet": "reject",       # "reject" (521 and close) | "ignore"
+    "tls_cert": "",             # PEM file; "" offers no STARTTLS
+    "tls_key": "",              # PEM file; "": the key is in tls_cert's file
+    "passwords": "passwd",      # AUTH users (masq-setup passwd); absent: no AUTH
+    "auth_without_tls": False,  # unsafe: passwords in clear text on the network
 }
+AUTH_FAILURE_DELAY_SECONDS = 1  # slows a password guesser down (also counts as an error)
+TLS_MIN_VERSION = "TLSv1_2"
 ROUTING_CHARACTERS = "%!@"      # sender-specified routing in a local part
 HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
@@ -50,16 +58,19 @@ def main(argv=None):
         raise
     session = Session(conf, settings, os.environ)
     try:
-        session.run()
-    except smtp.TimeoutError_:
-        session.reply(smtp.TIMEOUT.format(session.host))
-    except smtp.ConnectionLost:
-        return Exit.OK
-    except BaseException:
-        session.reply(smtp.INTERNAL_ERROR)
+        try:
+            session.run()
+        except smtp.TimeoutError_:
+            session.reply(smtp.TIMEOUT.format(session.host))
+        except smtp.ConnectionLost:
+            return Exit.OK
+        except BaseException:
+            session.reply(smtp.INTERNAL_ERROR)
+            session.flush(quiet=True)
+            raise
         session.flush(quiet=True)
-        raise
-    session.flush(quiet=True)
+    finally:
+        session.close()
     return Exit.OK
 
 
@@ -82,9 +93,48 @@ def preload(argv=()):
         _preloaded = (conf, _file_key(conf.file))
     except (Error, OSError):
         _preloaded = None           # each session will say what is wrong
+        return
+    try:
+        files = tls_files(conf, read_settings(conf))
+        if files:
+            tls_context(*files)     # once here, not in each forked child
+    except Error:
+        pass                        # each session will say what is wrong
 
 
 _preloaded = None
+_tls_contexts = {}                  # (cert, key) -> (file keys, ssl.SSLContext)
+
+
+def tls_files(conf, settings):
+    """(certificate, key or None) as absolute paths, or None without STARTTLS."""
+    if not settings["tls_cert"]:
+        return None
+    key = settings["tls_key"]
+    return conf.path(settings["tls_cert"], is_value=True), \
+        (conf.path(key, is_value=True) if key else None)
+
+
+def tls_context(cert, key):
+    """The server's SSLContext, built once per process while the files are unchanged."""
+    try:
+        stamp = (_file_key(cert), _file_key(key) if key else None)
+    except OSError as e:
+        raise Error(f"unable to read {e.filename}: {e.strerror}") from None
+    cached = _tls_contexts.get((cert, key))
+    if cached and cached[0] == stamp:
+        return cached[1]
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = getattr(ssl.TLSVersion, TLS_MIN_VERSION)
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise Error(f"unable to load the TLS certificate {cert}"
+                    f"{' and key ' + key if key else ''}: {e}") from None
+    _tls_contexts[(cert, key)] = (stamp, context)
+    return context
 
 
 def _file_key(path):
@@ -115,8 +165,11 @@ def read_settings(conf):
     settings = {}
     for key, default in SETTINGS.items():
         value = table.get(key, default)
-        kind = (int, float) if isinstance(default, int) else type(default)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if isinstance(default, bool):
+            kind = bool
+        else:
+            kind = (int, float) if isinstance(default, int) else type(default)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{conf.file}: smtpd.{key} must be a {type(default).__name__}")
         settings[key] = value
     for net in settings["relay_nets"]:
@@ -160,6 +213,11 @@ class Session:
         self.user = local_user() if local else None
         self.trusted = (local or self.relayclient is not None
                         or in_nets(self.client_ip, settings["relay_nets"]))
+        self.tls = None             # the ssl.SSLSocket after STARTTLS
+        self.tls_files = tls_files(conf, settings)
+        self.starttls_offered = self.tls_files is not None and stdio_is_one_socket()
+        self.auth_user = None
+        self.auth_ready = None      # the password file is usable (checked once)
         self.reset()
 
     def reset(self):
@@ -191,7 +249,10 @@ class Session:
         import _signal
         _signal.alarm(max(1, math_ceil(self.settings["command_timeout"])))
         try:
-            while view:
+            if self.tls is not None:
+                self.tls.settimeout(self.settings["command_timeout"])
+                self.tls.sendall(view)
+            while view and self.tls is None:
                 view = view[os.write(1, view):]
         except OSError as e:
             if quiet:
@@ -199,6 +260,17 @@ class Session:
             raise smtp.ConnectionLost(f"write error: {e.strerror}") from None
         finally:
             _signal.alarm(0)
+
+    def close(self):
+        """Let go of the TLS socket: a masq-tcpserver -m child serves on."""
+        if self.tls is not None:
+            try:                    # close_notify, without waiting for the client's
+                self.tls.settimeout(0)
+                self.tls.unwrap()
+            except (OSError, ValueError):
+                pass
+            self.tls.close()
+            self.tls = self.reader.tls = None
 
     # -- the dialogue
 
@@ -218,7 +290,8 @@ class Session:
                 if line is None:
                     line = self.reader.readline(smtp.PARAM_LINE_MAX_BYTES)
                 verb, arg = smtp.command(line)
-                if len(line) > smtp.COMMAND_LINE_MAX_BYTES and verb not in ("MAIL", "RCPT"):
+                if len(line) > smtp.COMMAND_LINE_MAX_BYTES and verb not in ("MAIL", "RCPT",
+                                                                             "AUTH"):
                     raise smtp.ProtocolError(smtp.LINE_TOO_LONG)
                 handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
                 if handler is None:
@@ -257,6 +330,10 @@ class Session:
             self.reply(smtp.HELO_OK.format(self.host))
             return
         keywords = [k.format(self.max_size) if "{}" in k else k for k in smtp.EHLO_KEYWORDS]
+        if self.starttls_offered and self.tls is None:
+            keywords.append(smtp.STARTTLS_KEYWORD)
+        if self.auth_offered():
+            keywords.append(smtp.AUTH_KEYWORD)
         for line in smtp.reply_lines(250, [self.host, *keywords]):
             self.reply(line)
 
@@ -282,6 +359,9 @@ class Session:
                 if value is not None:
                     raise smtp.ProtocolError(smtp.SYNTAX.format("SMTPUTF8 takes no value"))
                 utf8 = True
+            elif name == "AUTH" and self.auth_offered():
+                if value is None:       # RFC 4954 section 5: AUTH=<> or xtext, only noted
+                    raise smtp.ProtocolError(smtp.SYNTAX.format("AUTH=address"))
             else:
                 raise smtp.ProtocolError(smtp.BAD_PARAM.format(name[:40]))
         if not utf8 and not path.isascii():
@@ -320,12 +400,13 @@ class Session:
             return smtp.BAD_RCPT
         local, domain = address.split(path)
         domain = domain.lower()
+        may_relay = self.trusted or self.auth_user is not None
         if domain in self.conf.local_domains or domain in self.relay_domains():
-            if not self.trusted and any(c in local for c in ROUTING_CHARACTERS):
+            if not may_relay and any(c in local for c in ROUTING_CHARACTERS):
                 return smtp.RELAY_DENIED.format(path)
             if domain in self.conf.local_domains and not self.known_user(local):
                 return smtp.UNKNOWN_USER.format(path)
-        elif not self.trusted:
+        elif not may_relay:
             return smtp.RELAY_DENIED.format(path)
         self.rcpts.append(path)
         return smtp.RCPT_OK
@@ -422,8 +503,12 @@ class Session:
 
     def trace(self):
         proto = "utf8smtp" if self.utf8 else "esmtp" if self.esmtp else "smtp"
+        # RFC 3848 (and RFC 6531 for UTF8SMTP): S for TLS, A for AUTH
+        suffix = ("s" if self.tls else "") + ("a" if self.auth_user else "")
+        if suffix:
+            proto = ("esmtp" if proto == "smtp" else proto) + suffix
         trace = {"proto": proto, "client": self.client_ip, "client_name": self.client_name,
-                 "helo": self.helo, "user": self.user}
+                 "helo": self.helo, "user": self.user, "auth": self.auth_user}
         if len(self.rcpts) == 1:
             trace["for"] = self.rcpts[0]
         return {k: v for k, v in trace.items() if v}
@@ -453,6 +538,163 @@ class Session:
 
     def smtp_HELP(self, arg):
         self.reply(smtp.HELP)
+
+    # -- STARTTLS (RFC 3207) and AUTH (RFC 4954)
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            raise smtp.ProtocolError(smtp.SYNTAX.format("STARTTLS"))
+        if self.tls is not None:
+            raise smtp.ProtocolError(smtp.TLS_ACTIVE)
+        if not self.starttls_offered:
+            raise smtp.ProtocolError(smtp.NOT_IMPLEMENTED)
+        if self.sender is not None:
+            raise smtp.ProtocolError(smtp.IN_TRANSACTION)
+        if self.reader.buf:
+            # Bytes that came with STARTTLS were sent in clear text: read after
+            # the handshake they would pass for protected commands (CVE-2011-0411).
+            self.reply(smtp.TLS_PIPELINED)
+            return False
+        from masq import log
+        try:
+            context = tls_context(*self.tls_files)
+        except Error as e:
+            log.warn(f"STARTTLS refused: {e}")
+            self.starttls_offered = False
+            raise smtp.ProtocolError(smtp.TLS_UNAVAILABLE) from None
+        self.reply(smtp.READY_TLS)
+        self.flush()
+        import socket
+        sock = socket.socket(fileno=os.dup(0))
+        sock.settimeout(self.settings["command_timeout"])
+        try:
+            tls = context.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as e:
+            sock.close()
+            log.warn(f"TLS handshake with {self.client_ip or 'a local client'} failed: "
+                     f"{e.__class__.__name__}: {e}")
+            return False
+        self.tls = self.reader.tls = tls
+        # RFC 3207 section 4.2: forget all the client told us before TLS
+        self.helo, self.esmtp, self.auth_user = None, False, None
+        self.reset()
+
+    def auth_offered(self):
+        """AUTH goes only over TLS (unless auth_without_tls) and with a usable password file."""
+        if not (self.tls is not None or self.settings["auth_without_tls"]):
+            return False
+        if self.auth_ready is None:
+            from masq import log, passwords
+            try:
+                why = passwords.status(self.password_file())
+            except FileNotFoundError:
+                why = False
+            except OSError as e:
+                why = f"unable to read {e.filename}: {e.strerror}"
+            if why:
+                log.warn(f"no AUTH: {why}")
+            self.auth_ready = not why
+        return self.auth_ready
+
+    def password_file(self):
+        return self.conf.path(self.settings["passwords"], is_value=True)
+
+    def smtp_AUTH(self, arg):
+        if not self.auth_offered():
+            raise smtp.ProtocolError(smtp.AUTH_NOT_ENABLED)
+        if not self.esmtp:
+            raise smtp.ProtocolError(smtp.NEED_HELO)
+        if self.auth_user is not None:
+            raise smtp.ProtocolError(smtp.ALREADY_AUTHENTICATED)
+        if self.sender is not None:
+            raise smtp.ProtocolError(smtp.IN_TRANSACTION)
+        mechanism, _, initial = arg.strip(" ").partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            credentials = self.plain_credentials(initial)
+        elif mechanism == "LOGIN":
+            credentials = self.login_credentials(initial)
+        else:
+            raise smtp.ProtocolError(smtp.AUTH_MECHANISM)
+        from masq import log, passwords
+        user = password = None
+        if credentials is not None:
+            user, password = credentials
+        try:
+            good = user is not None and passwords.verify(self.password_file(), user, password)
+        except passwords.PasswordFileError as e:
+            log.warn(f"AUTH impossible: {e}")
+            raise smtp.ProtocolError(smtp.AUTH_UNAVAILABLE) from None
+        who = self.client_ip or "a local client"
+        if not good:
+            # no user name in the log: a client may have sent its password there
+            log.warn(f"AUTH {mechanism} failed for {who}")
+            import time
+            self.flush()
+            time.sleep(AUTH_FAILURE_DELAY_SECONDS)
+            raise smtp.ProtocolError(smtp.AUTH_FAILED)
+        self.auth_user = user
+        if not log.ready():
+            log.setup(self.conf)
+        log.line(f"auth: client={who} method={mechanism} user={user}")
+        self.reply(smtp.AUTH_OK)
+
+    def auth_response(self, initial, challenge):
+        """The client's answer (bytes): the initial response, or a line after 334."""
+        if initial:
+            text = initial
+        else:
+            self.reply(smtp.AUTH_CHALLENGE.format(challenge))
+            line = self.reader.readline(smtp.AUTH_LINE_MAX_BYTES)
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-1]:
+                raise smtp.ProtocolError(smtp.BARE_LINE_END_COMMAND)
+            text = line[:-2].decode("ascii", "replace").strip(" ")
+        if text == "*":
+            raise smtp.ProtocolError(smtp.AUTH_CANCELLED)
+        if text == "=" and initial:     # RFC 4954 section 4: an empty initial response
+            return b""
+        import binascii
+        try:
+            return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise smtp.ProtocolError(smtp.AUTH_BAD_BASE64) from None
+
+    def plain_credentials(self, initial):
+        """(user, password bytes) of RFC 4616 `authzid NUL authcid NUL passwd`, or None."""
+        parts = self.auth_response(initial, "").split(b"\0")
+        if len(parts) != 3:
+            return None
+        authzid, authcid, password = parts
+        user = _user_name(authcid)
+        if user is None or (authzid and authzid != authcid):
+            return None                 # acting for another user is not offered
+        return user, password
+
+    def login_credentials(self, initial):
+        """(user, password bytes) of the LOGIN mechanism, or None."""
+        name = self.auth_response(initial, "VXNlcm5hbWU6")       # "Username:"
+        password = self.auth_response("", "UGFzc3dvcmQ6")        # "Password:"
+        user = _user_name(name)
+        return None if user is None else (user, password)
+
+
+def _user_name(data):
+    """A user name from AUTH data, or None when it cannot be one."""
+    from masq import passwords
+    try:
+        return passwords.check_user(data.decode("utf-8"))
+    except (UnicodeDecodeError, passwords.BadUserError):
+        return None
+
+
+def stdio_is_one_socket():
+    """True when fds 0 and 1 are the same socket (tcpserver, inetd, systemd Accept=yes)."""
+    import stat
+    try:
+        st0, st1 = os.fstat(0), os.fstat(1)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino)
 
 
 class ChunkStream:

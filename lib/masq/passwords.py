@@ -1,0 +1,168 @@
+"""The password file of masq-smtpd's AUTH: one `user:scheme$salt$hash` a line.
+
+`scheme` is "scrypt" (hashlib.scrypt, n=2**14, r=8, p=1) or "pbkdf2_sha256"
+(hashlib.pbkdf2_hmac, SHA-256, PBKDF2_ITERATIONS rounds); salt and hash are
+base64, the hash 32 bytes.  Lines starting with "#" and empty lines are
+skipped.  The file is used only when neither group nor others have any
+permission on it (mode 0600 or stricter): a secret others can read is no
+secret, so such a file is refused as a whole (PasswordFileError).
+
+write_user() replaces or adds one user's line atomically (a temporary file,
+mode 0600 from its creation, fsynced, renamed over the old one, the folder
+fsynced), under a flock on the folder so that two writers never lose a line.
+A password is only ever compared through its hash, with hmac.compare_digest.
+"""
+import os
+
+from masq import Error
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1    # 16 MiB, ~50 ms per check
+PBKDF2_ITERATIONS = 600000                      # OWASP 2023 for PBKDF2-SHA256
+HASH_BYTES = 32
+SALT_BYTES = 16
+MAX_FILE_BYTES = 1 << 20
+MAX_USER_BYTES = 255
+MAX_PASSWORD_BYTES = 1024
+SCHEMES = ("scrypt", "pbkdf2_sha256")
+_DUMMY_SALT = b"masq-no-such-user"
+
+
+class PasswordFileError(Error):
+    """The file cannot be used (unreadable, or readable by others): no AUTH."""
+
+    code = 78
+    temporary = True
+
+
+class BadUserError(Error):
+    """A user name that cannot go in the file."""
+
+    code = 64
+    temporary = False
+
+
+def check_user(user):
+    """Refuse a name that is empty, too long, or holds `:`, space or control characters."""
+    if (not user or len(user.encode("utf-8", "surrogateescape")) > MAX_USER_BYTES
+            or ":" in user or any(not c.isprintable() or c.isspace() for c in user)):
+        raise BadUserError(f"bad user name {user[:40]!r}: no ':', spaces or control "
+                           f"characters, at most {MAX_USER_BYTES} bytes")
+    return user
+
+
+def status(path):
+    """None when the file is usable, else why not; FileNotFoundError when absent."""
+    st = os.stat(path)
+    return _refusal(path, st)
+
+
+def _refusal(path, st):
+    import stat
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_mode & 0o077:
+        return (f"{path} has mode {st.st_mode & 0o777:04o}: others may read it; "
+                f"chmod 600 it")
+    return None
+
+
+def verify(path, user, password):
+    """True when `password` (bytes) is the user's; PasswordFileError if the file is unusable."""
+    entry = None
+    try:
+        with open(path, "rb") as f:
+            why = _refusal(path, os.fstat(f.fileno()))
+            if why:
+                raise PasswordFileError(why)
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise PasswordFileError(f"unable to read {path}: {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PasswordFileError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    name = user.encode("utf-8", "surrogateescape") + b":"
+    for line in data.split(b"\n"):
+        if line.startswith(name):
+            entry = line[len(name):].strip()
+            break
+    scheme, salt, digest = _parse(entry)
+    if scheme is None or len(password) > MAX_PASSWORD_BYTES:
+        # the same work for an unknown user: response time tells nothing
+        _derive("scrypt", password[:MAX_PASSWORD_BYTES], _DUMMY_SALT)
+        return False
+    import hmac
+    return hmac.compare_digest(_derive(scheme, password, salt), digest)
+
+
+def _parse(entry):
+    """(scheme, salt, hash) of `scheme$salt$hash`; (None, None, None) if it does not parse."""
+    import binascii
+    try:
+        scheme, salt, digest = entry.decode("ascii").split("$")
+        if scheme not in SCHEMES:
+            raise ValueError(scheme)
+        salt = binascii.a2b_base64(salt, strict_mode=True)
+        digest = binascii.a2b_base64(digest, strict_mode=True)
+    except (AttributeError, ValueError, binascii.Error):
+        return None, None, None
+    if len(digest) != HASH_BYTES or not salt:
+        return None, None, None
+    return scheme, salt, digest
+
+
+def _derive(scheme, password, salt):
+    import hashlib
+    if scheme == "scrypt":
+        return hashlib.scrypt(password, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                              maxmem=64 * 1024 * 1024, dklen=HASH_BYTES)
+    return hashlib.pbkdf2_hmac("sha256", password, salt, PBKDF2_ITERATIONS, HASH_BYTES)
+
+
+def encode(password, scheme=None):
+    """`scheme$salt$hash` for a password (bytes), with a fresh random salt."""
+    import base64
+    import hashlib
+    if scheme is None:
+        scheme = "scrypt" if hasattr(hashlib, "scrypt") else "pbkdf2_sha256"
+    salt = os.urandom(SALT_BYTES)
+    digest = _derive(scheme, password, salt)
+    return f"{scheme}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def write_user(path, user, password):
+    """Add the user's line, or replace it, atomically; the file ends with mode 0600."""
+    import fcntl
+    check_user(user)
+    if not password or len(password) > MAX_PASSWORD_BYTES:
+        raise BadUserError(f"the password must have 1 to {MAX_PASSWORD_BYTES} bytes")
+    if b"\n" in password or b"\r" in password:
+        raise BadUserError("the password must be one line")
+    line = f"{user}:{encode(password)}\n".encode("utf-8", "surrogateescape")
+    folder = os.path.dirname(os.path.abspath(path))
+    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                old = f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            old = b""
+        if len(old) > MAX_FILE_BYTES:
+            raise PasswordFileError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+        old = old.splitlines(keepends=True)
+        name = line.split(b":", 1)[0] + b":"
+        lines = [x if x.endswith(b"\n") else x + b"\n" for x in old if not x.startswith(name)]
+        lines.append(line)
+        tmp = f"{path}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(lines))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, path)
+        os.fsync(lock)
+    finally:
+        os.close(lock)
