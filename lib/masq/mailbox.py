@@ -31,6 +31,7 @@ from masq.spool import fsync_dir
 COPY_BYTES = 65536
 LOCK_WAIT_SECONDS = 60          # then give up and let the queue retry
 STALE_LOCK_SECONDS = 600        # a dot-lock this old is a crashed writer's
+MAX_LOCK_BYTES = 32             # a dot-lock holds a PID line; anything bigger is no lock
 EMPTY_LOCK_SECONDS = 5          # a dot-lock still without a PID this long: its writer died
 MAX_REASON_CHARS = 300
 EX_TEMPFAIL = 75
@@ -186,8 +187,14 @@ def _quote_into(reader, out):
 
 
 def _stale(dotlock):
-    """A dot-lock is stale when its writer (the PID inside) is dead, or it is old."""
-    if time.time() - os.stat(dotlock).st_mtime > STALE_LOCK_SECONDS:
+    """A dot-lock is stale when its writer (the PID inside) is dead, or it is old.
+
+    A file larger than a PID line is not a lock at all: never removed.
+    """
+    st = os.stat(dotlock)
+    if st.st_size > MAX_LOCK_BYTES:
+        return False
+    if time.time() - st.st_mtime > STALE_LOCK_SECONDS:
         return True
     with open(dotlock, "rb") as f:
         text = f.read(32).strip()

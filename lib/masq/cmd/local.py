@@ -140,7 +140,13 @@ class _Plan:
         return None
 
     def _targets(self, name):
-        """The final targets of a local part: aliases, then the +detail rule."""
+        """The final targets of a local part: aliases, then the +detail rule.
+
+        Only the aliases file may name a |command, a /file or an :include:;
+        a local part that is no alias names a mailbox and nothing else, so
+        `"|cmd"@localhost` from a stranger is a (refused) mailbox name, never
+        a command.  Such names come back as Mailbox(name).
+        """
         aliases = self.aliases()
         if name in aliases:
             return aliases.expand(name)
@@ -151,8 +157,8 @@ class _Plan:
             if base in aliases:
                 return aliases.expand(base)
             if self.conf.get("local.users") != "system" or _passwd(name) is None:
-                return [base]
-        return [name]
+                return [Mailbox(base)]
+        return [Mailbox(name)]
 
     def aliases(self):
         if self._aliases is None:
@@ -165,7 +171,8 @@ class _Plan:
         """The key of the delivery a target needs, made once per distinct key."""
         from masq import aliases
         from masq.mailbox import DeliveryError
-        what = aliases.kind(target)
+        what = "local" if isinstance(target, Mailbox) else aliases.kind(target)
+        target = str(target)
         if what == "remote":
             from masq import address
             try:
@@ -204,6 +211,10 @@ class _Plan:
         home = pw.pw_dir if pw else self.conf.dir
         info["home"] = home
         kind = self.conf.get("local.mailbox")
+        if kind == "mbox" and user.endswith(".lock"):
+            # NAME.lock is the dot-lock of the mbox NAME: never a mailbox of its own
+            raise DeliveryError(f"unusable mailbox name {user!r}: ends in .lock (5.1.3)",
+                                temporary=False)
         if kind == "mda":
             return ("mda", user)
         template = self.conf.get("local.path") or "mail/{user}/"
@@ -398,6 +409,10 @@ def _normal(rcpt):
     return f"{local}@{domain.lower()}"
 
 
+class Mailbox(str):
+    """A local part that names a mailbox: not an alias target, never a command or file."""
+
+
 def _unsafe(name):
     """Why a name cannot be a path component, or ""."""
     if not name:
@@ -406,6 +421,10 @@ def _unsafe(name):
         return "holds a /"
     if name.startswith("."):
         return "starts with a dot"
+    if name.startswith("-"):
+        return "starts with a dash (it could pass for an option of the MDA)"
+    if name.startswith(("|", ":", "\\")):
+        return "starts with |, : or a backslash"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "holds a control character"
     return ""

@@ -40,6 +40,7 @@ SETTINGS = {
 AUTH_FAILURE_DELAY_SECONDS = 1  # slows a password guesser down (also counts as an error)
 TLS_MIN_VERSION = "TLSv1_2"
 ROUTING_CHARACTERS = "%!@"      # sender-specified routing in a local part
+NOT_MAILBOX_STARTS = ("|", "/", ":", "\\", "-", ".")     # alias-file syntax, options, dot files
 HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
@@ -404,7 +405,8 @@ class Session:
         if domain in self.conf.local_domains or domain in self.relay_domains():
             if not may_relay and any(c in local for c in ROUTING_CHARACTERS):
                 return smtp.RELAY_DENIED.format(path)
-            if domain in self.conf.local_domains and not self.known_user(local):
+            if domain in self.conf.local_domains and (
+                    not_a_mailbox(local) or not self.known_user(local)):
                 return smtp.UNKNOWN_USER.format(path)
         elif not may_relay:
             return smtp.RELAY_DENIED.format(path)
@@ -419,14 +421,20 @@ class Session:
         if self.conf.get("local.users") != "system":
             return True
         name = _unquote(local).lower()
-        if name == "postmaster" or _is_alias(self.conf, name):
-            return True
+        delimiter = self.conf.get("local.recipient_delimiter")
+        names = [name]
+        if delimiter and delimiter in name[1:]:      # user+detail, as masq-local reads it
+            names.append(name[:name.index(delimiter, 1)])
         import pwd
-        try:
-            pwd.getpwnam(name)
-            return True
-        except KeyError:
-            return False
+        for name in names:
+            if name == "postmaster" or _is_alias(self.conf, name):
+                return True
+            try:
+                pwd.getpwnam(name)
+                return True
+            except KeyError:
+                continue
+        return False
 
     def smtp_DATA(self, arg):
         if arg:
@@ -902,6 +910,12 @@ def local_user():
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
+
+
+def not_a_mailbox(local):
+    """True for a local part that only an aliases file may use (|cmd, /file, ...)."""
+    name = _unquote(local)
+    return name.startswith(NOT_MAILBOX_STARTS) or "/" in name
 
 
 def _unquote(local):

@@ -1,0 +1,68 @@
+"""A local part names a mailbox and nothing else: never a command, a file or a lock."""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from conftest import clean_env, run
+
+
+@pytest.fixture
+def short_dir():
+    """A folder with a short name: a local part holds at most 64 bytes."""
+    folder = tempfile.mkdtemp(prefix="mq", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder)
+
+
+def smtpd(masq, lines, ip="203.0.113.5"):
+    dialogue = "".join(f"{line}\r\n" for line in ["EHLO client.example", *lines, "QUIT"])
+    r = masq.run(["masq-smtpd"], input=dialogue.encode(),
+                 env=masq.env(TCPREMOTEIP=ip)).ok()
+    return r.out.decode().split("\r\n")
+
+
+def test_smtpd_refuses_local_parts_that_only_an_aliases_file_may_use(masq, short_dir):
+    replies = smtpd(masq, ["MAIL FROM:<a@client.example>",
+                           f'RCPT TO:<"|touch {short_dir}/pwned"@localhost>',
+                           f'RCPT TO:<"{short_dir}/box"@localhost>',
+                           'RCPT TO:<":include:/etc/passwd"@localhost>',
+                           'RCPT TO:<"-oQ/tmp"@localhost>',
+                           "RCPT TO:<bob@localhost>"])
+    rcpt = [r for r in replies if r[:3] in ("250", "550", "554")][-5:]
+    assert [r[:9] for r in rcpt] == ["550 5.1.1"] * 4 + ["250 2.1.5"], replies
+
+
+def test_a_pipe_or_path_local_part_from_sendmail_bounces_and_runs_nothing(masq, short_dir):
+    target = os.path.join(short_dir, "pwned")
+    box = os.path.join(short_dir, "box")
+    for rcpt in (f'"|touch {target}"@localhost', f'"{box}"@localhost'):
+        run([masq.bin("sendmail"), "-odq", "-f", "alice@test.example", rcpt],
+            input=b"Subject: x\n\nhi\n", env=clean_env()).ok()
+    run([masq.bin("runq")], env=clean_env()).ok()
+    assert not os.path.exists(target) and not os.path.exists(box)
+    bounces = list(masq.maildir("alice"))
+    assert len(bounces) == 2
+    assert all(b"unusable mailbox name" in b.as_bytes() for b in bounces)
+
+
+def test_mbox_mail_for_name_dot_lock_bounces_and_never_touches_the_lock(masq):
+    text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mbox"')
+    masq.set_config(text.replace('path = "mail/{user}/"', 'path = "mail/{user}"'))
+    for rcpt in ("bob.lock@localhost", "bob@localhost"):
+        run([masq.bin("sendmail"), "-odq", "-f", "alice@test.example", rcpt],
+            input=b"Subject: x\n\nhi\n", env=clean_env()).ok()
+    run([masq.bin("runq")], env=clean_env()).ok()
+    mail = os.path.join(masq.dir, "mail")
+    assert not os.path.exists(os.path.join(mail, "bob.lock"))
+    assert open(os.path.join(mail, "bob"), "rb").read().count(b"\nSubject: x\n") == 1
+    assert b"ends in .lock" in open(os.path.join(mail, "alice"), "rb").read()
+
+
+def test_system_users_with_a_detail_are_known_to_smtpd(masq):
+    masq.set_config(open(masq.conf).read().replace('users = "any"', 'users = "system"'))
+    replies = smtpd(masq, ["MAIL FROM:<a@client.example>", "RCPT TO:<root+tag@localhost>",
+                           "RCPT TO:<no-such-user+tag@localhost>"])
+    assert any(r.startswith("250 2.1.5") for r in replies)
+    assert any(r.startswith("550 5.1.1") for r in replies)
