@@ -66,3 +66,20 @@ def test_system_users_with_a_detail_are_known_to_smtpd(masq):
                            "RCPT TO:<no-such-user+tag@localhost>"])
     assert any(r.startswith("250 2.1.5") for r in replies)
     assert any(r.startswith("550 5.1.1") for r in replies)
+
+
+def test_background_delivery_after_sendmail_can_queue_a_bounce(masq):
+    """The -odb child closes the caller's descriptors and must not reuse the spool's."""
+    import time
+    run([masq.bin("sendmail"), "-f", "alice@test.example", "bob@localhost",
+         "x@remote.example"], input=b"Subject: x\n\nhi\n", env=clean_env()).ok()
+    deadline = time.monotonic() + 30
+    alice = os.path.join(masq.dir, "mail", "alice", "new")
+    while time.monotonic() < deadline:          # the background run has no readiness signal
+        if os.path.isdir(alice) and os.listdir(alice) and not masq.queue_ids():
+            break
+        time.sleep(0.05)
+    assert masq.queue_ids() == []
+    assert len(list(masq.maildir("bob"))) == 1
+    [bounce] = list(masq.maildir("alice"))
+    assert b"x@remote.example" in bounce.as_bytes()

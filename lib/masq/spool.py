@@ -156,10 +156,12 @@ class Spool:
         started, and the start number of the last one completed.
         """
         path = self.folder(f".sync-{stage}")
-        fd = _sync_fds.get(path)
-        if fd is None:          # kept open for the process's life: one per spool folder
+        pid, fd = _sync_fds.get(path, (None, None))
+        if pid != os.getpid():
+            # kept open for the process's life, one per spool folder; a forked
+            # child opens its own: the parent's may be closed, or its number reused
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            _sync_fds[path] = fd
+            _sync_fds[path] = (os.getpid(), fd)
         before = _counters(fd)[0]           # syncs started before our rename was done
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -465,7 +467,7 @@ def _records(pairs):
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
-_sync_fds = {}         # .sync-STAGE path -> an open descriptor
+_sync_fds = {}         # .sync-STAGE path -> (the pid that opened it, its descriptor)
 
 
 def _counters(fd):

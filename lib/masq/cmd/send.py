@@ -64,9 +64,14 @@ def run_once(conf, queue, forced=None, ids=()):
             else:
                 messages = [m for m in queue.messages(("active",)) if m.id not in tried]
             tried.update(m.id for m in messages)
+            del _created[:]
             runner.run(messages)
-            if ids or not messages:
+            if not messages:
                 return
+            if ids:                 # a run for some ids also sends the bounces they made
+                ids = list(_created)
+                if not ids:
+                    return
     finally:
         runner.close()
 
@@ -474,6 +479,9 @@ def _label(conf, dest):
     return host
 
 
+_created = []          # ids of the bounces and warnings this process queued in this pass
+
+
 def _warn_if_late(conf, queue, msg, left, failing):
     """Tell the sender once that mail is late (queue.warn_after; 0: never)."""
     after = conf.get("queue.warn_after")
@@ -482,6 +490,8 @@ def _warn_if_late(conf, queue, msg, left, failing):
     from masq import bounce
     late = [(msg.recipients[i], text) for _, i, text, _ in left]
     qid = bounce.send(conf, queue, msg, late, delayed=True)
+    if qid:
+        _created.append(qid)
     msg.note_warned()
     log.event(msg.id, f"{len(late)} recipient(s) late", warning=qid, status="delayed")
 
@@ -490,6 +500,7 @@ def _bounce(conf, queue, msg, failed):
     from masq import bounce
     qid = bounce.send(conf, queue, msg, failed)
     if qid:
+        _created.append(qid)
         log.event(msg.id, f"{len(failed)} recipient(s) failed", bounce=qid, status="bounce")
     else:
         log.event(msg.id, "a bounce failed: not bounced again (RFC 5321 6.1)",
