@@ -76,3 +76,29 @@ def test_check_repair_writes_a_missing_version_and_reports_what_it_cannot_mend(m
     assert b"VERSION: missing: written" in r.out and b"still: stray: not part" in r.out
     os.unlink(os.path.join(masq.spool, "stray"))
     masq.run(["masq-queue", "check"]).ok()
+
+
+def test_lock_is_refused_for_a_message_moved_or_removed_after_listing(masq):
+    from masq import spool
+    enqueue(masq, b"Subject: x\n\nhello\n", "a@example.org", ["bob@localhost"]).ok()
+    queue = spool.Spool(masq.spool)
+    [msg] = list(queue.messages())
+    masq.run(["masq-queue", "hold", msg.id]).ok()          # moved after we listed it
+    assert msg.lock() is False
+    [held] = list(queue.messages(("hold",)))
+    masq.run(["masq-queue", "remove", held.id]).ok()
+    assert held.lock() is False
+
+
+def test_runq_and_the_daemon_agree_on_messages_that_vanish(masq):
+    import subprocess
+    from conftest import BIN
+    for n in range(30):
+        enqueue(masq, b"Subject: %d\n\nhello\n" % n, "a@example.org", ["bob@localhost"]).ok()
+    runs = [subprocess.Popen([os.path.join(BIN, "masq-send"), "--once"], env=masq.env(),
+                             stderr=subprocess.PIPE) for _ in range(3)]
+    for p in runs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+        assert b"Traceback" not in p.stderr.read()
+    assert masq.queue_ids() == []
+    assert len(list(masq.maildir("bob"))) == 30

@@ -365,14 +365,27 @@ class Message:
         return _Limited(f, self.size)
 
     def lock(self, wait=False):
-        """Take the delivery lock; False if another process holds it."""
+        """Take the delivery lock; False if another process holds it or it is gone.
+
+        The file is looked at again under the lock: another process may have
+        moved or removed it between our listing and our lock.
+        """
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             return False
-        return True
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self.unlock()
+        return same
 
     def unlock(self):
         if self._fd is not None:

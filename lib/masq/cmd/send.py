@@ -33,6 +33,7 @@ BATCH_MESSAGES = 256            # messages held locked at once while routes deli
 HOSTSTAT_TIMEOUT_SECONDS = 1800     # runq trusts a "down" host this long (sendmail's)
 LOST_SESSIONS_LIMIT = 2         # connections lost in a row before a destination is down
 MAX_HEADER_BYTES = 256 * 1024   # rewrite_sender looks this far for the header section
+BUSY = object()                 # Runner.plan(): another process holds the message
 
 
 def main(argv=None):
@@ -100,9 +101,13 @@ def promote(conf, queue, ids=()):
             continue
         if not msg.lock():
             continue
-        msg.move("active", sync=False)
-        msg.unlock()
-        moved = True
+        try:
+            msg.move("active", sync=False)
+            moved = True
+        except spool.SpoolError as e:
+            log.warn(str(e))
+        finally:
+            msg.unlock()
     if moved:
         queue.sync("active")
 
@@ -153,7 +158,9 @@ class Runner:
                 break
             try:
                 plan = self.plan(msg)
-                if plan is None:
+                if plan is BUSY:        # another process has it now: look again later
+                    due[msg.id] = time.time() + POLL_SECONDS
+                elif plan is None:      # gone: delivered or removed meanwhile
                     due[msg.id] = None
                 elif plan.remote:
                     held.append(plan)
@@ -172,10 +179,10 @@ class Runner:
     def plan(self, msg):
         """Lock, read and decide one message; local recipients are delivered now.
 
-        Returns None when another process holds the message or it is gone.
+        Returns BUSY when another process holds the message, None when it is gone.
         """
         if not msg.lock():
-            return None
+            return BUSY if os.path.exists(msg.path) else None
         try:
             msg.reload()
         except (FileNotFoundError, spool.FormatError):
@@ -640,6 +647,8 @@ class Daemon:
             if ready:
                 _drain(rfd)
                 self.new_mail()
+            else:
+                self.adopt()
             self.run_due()
         os.close(rfd)
         os.close(wfd)
@@ -676,6 +685,12 @@ class Daemon:
         now = time.time()
         for qid in ids:
             self.due[qid] = now
+
+    def adopt(self):
+        """Take on active messages this daemon does not know (a runq deferred them)."""
+        now = time.time()
+        for qid in self.queue.ids("active"):
+            self.due.setdefault(qid, now)
 
     def run_due(self):
         """One run over the messages that are due, through the same Runner as runq."""
