@@ -96,6 +96,16 @@ class Masq:
         return mailbox.Maildir(os.path.join(self.dir, "mail", user), create=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_bytecode():
+    """Compile lib/ before any test: a program run under RLIMIT_FSIZE that wrote a
+    stale .pyc would leave it cut short (CPython ignores the short write), and every
+    later import of that module would fail."""
+    import compileall
+    lib = os.path.join(os.path.dirname(__file__), "..", "lib")
+    compileall.compile_dir(lib, quiet=1)
+
+
 @pytest.fixture
 def masq(tmp_path):
     folder = str(tmp_path / "masq")

@@ -206,3 +206,21 @@ def test_one_delay_warning_when_a_recipient_fails_long_enough(masq, tmp_path):
     assert b"mailbox busy" in warnings
     assert len(masq.queue_ids("active")) == 1          # still being retried
     assert "status=delayed" in log(masq)
+
+
+def test_a_bounce_that_cannot_be_queued_does_not_deliver_the_others_twice(masq):
+    import resource
+    headers = b"".join(b"X-Filler-%d: %s\n" % (n, b"f" * 60) for n in range(20))
+    enqueue(masq, headers + b"Subject: x\n\nhi\n", "alice@test.example",
+            ["bob@localhost", "x@remote.example"]).ok()
+
+    def small_files():              # the delivery (1.8 KB) fits, the bounce (3 KB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2300, 2300))
+    masq.run(["masq-send", "--once"], preexec_fn=small_files)
+    assert len(list(masq.maildir("bob"))) == 1
+    assert len(masq.queue_ids()) == 1                   # x@remote.example still to bounce
+    runq(masq)
+    assert len(list(masq.maildir("bob"))) == 1          # not delivered again
+    [bounce] = list(masq.maildir("alice"))
+    assert b"x@remote.example" in bounce.as_bytes()
+    assert masq.queue_ids() == []

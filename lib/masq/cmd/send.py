@@ -439,7 +439,14 @@ def _finish(conf, queue, plan):
     answered = {i for _, i, _, _ in final}
     untried = [i for i in msg.pending() if i not in answered and i not in still_waiting]
     failed = [(msg.recipients[i], text) for word, i, text, _ in final if word == "failed"]
+    to_record = [(word, i, text) for word, i, text, _ in final]
     if failed:
+        # the other outcomes first: if the bounce cannot be queued (a full
+        # disk), the recipients already delivered are not delivered again
+        others = [r for r in to_record if r[0] != "failed"]
+        if others:
+            msg.record(others)
+        to_record = [r for r in to_record if r[0] == "failed"]
         _bounce(conf, queue, msg, failed)
     for word, i, text, relay in final:
         status = {"done": "sent", "failed": "bounced", "deferred": "deferred"}[word]
@@ -449,8 +456,8 @@ def _finish(conf, queue, plan):
     if not left and not still_waiting and not untried:
         msg.remove()                # every recipient is done or bounced
         return None
-    if final:
-        msg.record([(word, i, text) for word, i, text, _ in final])
+    if to_record:
+        msg.record(to_record)
     if left:
         _warn_if_late(conf, queue, msg, left, failing)
         tries = max(msg.attempts.get(i, 0) for _, i, _, _ in left) + 1
