@@ -55,10 +55,15 @@ def test_check_finds_and_repairs_an_orphan(masq):
     orphan = os.path.join(masq.spool, "tmp", "1234-1")
     with open(orphan, "wb") as f:
         f.write(b"masq-spool 1 0000000000000000\npartial")
+    young = orphan + "0"                    # its writer may be about to lock it
+    with open(young, "wb") as f:
+        f.write(b"masq-spool 1 0000000000000000\n")
+    os.utime(orphan, (1, 1))                # an old file nobody holds: an orphan
     r = masq.run(["masq-queue", "check"])
     assert r.rc == 65 and b"tmp/1234-1: orphan" in r.out, r
+    assert b"1234-10" not in r.out
     masq.run(["masq-queue", "check", "--repair"]).ok()
-    assert not os.path.exists(orphan)
+    assert not os.path.exists(orphan) and os.path.exists(young)
     masq.run(["masq-queue", "check"]).ok()
 
 

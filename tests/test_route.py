@@ -122,3 +122,11 @@ def test_route_max_size_sends_big_mail_another_way_or_bounces(masq):
     masq.run(["masq-send", "--once"]).ok()
     [bounce] = list(masq.maildir("alice"))
     assert b"larger than route small takes (100 bytes)" in bounce.as_bytes()
+
+
+def test_address_literal_patterns_match_themselves(masq):
+    text = open(masq.conf).read()
+    masq.set_config(text + '\n[route.lan]\nhost = "127.0.0.1:1"\n'
+                    'allowed_recipients = ["*"]\ndenied_recipients = ["*@[192.0.2.1]"]\n')
+    assert b"bounce: no route may carry" in route(masq, "x@[192.0.2.1]").out
+    assert b"route lan" in route(masq, "x@2").ok().out

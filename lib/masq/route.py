@@ -123,14 +123,18 @@ def allows(table, sender, recipient, from_header=None):
 
 
 def matches(patterns, addr):
-    """Shell-style match of an address against patterns; domains compare case-blind."""
+    """Shell-style match (* and ?) of an address against patterns.
+
+    Domains compare case-blind; "[" is a plain character, so that address
+    literals like *@[192.0.2.1] match themselves rather than a set.
+    """
     from fnmatch import fnmatchcase
     local, domain = address.split(addr)
     subject = f"{local}@{domain.lower()}" if domain else local
     for pattern in patterns:
         plocal, pdomain = address.split(pattern)
         pattern = f"{plocal}@{pdomain.lower()}" if pdomain else plocal
-        if fnmatchcase(subject, pattern):
+        if fnmatchcase(subject, pattern.replace("[", "[[]")):
             return True
     return False
 

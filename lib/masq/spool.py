@@ -51,7 +51,7 @@ STAGES = ("incoming", "active", "hold")
 FOLDERS = ("tmp", *STAGES, "corrupt")
 KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal")
 COPY_BYTES = 65536
-MAX_RECORDS_BYTES = 64 * 1024 * 1024
+TMP_GRACE_SECONDS = 60         # check leaves younger tmp/ files alone (created, not yet locked)
 TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
 STATE_WORDS = ("done", "failed", "deferred")
 
@@ -308,7 +308,7 @@ class Message:
             except ValueError:
                 raise FormatError(f"{self.path}: bad size in the first line") from None
             f.seek(HEADER_BYTES + self.size)
-            tail = f.read(MAX_RECORDS_BYTES)
+            tail = f.read()             # every record: a cut-off one would be forgotten
         self.file_size = HEADER_BYTES + self.size + len(tail)
         lines = tail.split(b"\n")
         self.torn_tail = lines[-1] != b""     # an append cut short by a crash
@@ -523,7 +523,11 @@ def check(spool, repair=False):
     """
     for name in spool.ids("tmp"):
         path = os.path.join(spool.folder("tmp"), name)
-        if is_locked(path):
+        try:
+            young = time.time() - os.stat(path).st_mtime < TMP_GRACE_SECONDS
+        except FileNotFoundError:
+            continue
+        if young or is_locked(path):    # young: its writer may not have its lock yet
             continue
         yield f"tmp/{name}: orphan of an interrupted enqueue (never accepted)" + (
             ": removed" if repair else "")
