@@ -148,6 +148,7 @@ class Runner:
         self.parallel = max(1, int(conf.get("queue.parallel") or 1))
         self.needs_from = _needs_from(conf)
         self.hosts = None           # the HostStat, opened on first use
+        self.aborted = False        # deliver_remote failed: workers stop taking messages
 
     # -- the run ----------------------------------------------------------
     def run(self, messages):
@@ -238,31 +239,45 @@ class Runner:
             plan.open = len(plan.remote)
             for dest, indices in plan.remote.items():
                 jobs.setdefault(dest, []).append((plan, indices))
+        work, answers, threads = queues.SimpleQueue(), queues.SimpleQueue(), []
+
+        def take(answer):
+            """Apply one worker's answer; False when that worker has ended."""
+            if answer is None:
+                return False
+            if answer[0] == "host":
+                self.note_host(*answer[1:])
+                if answer[2] != "up":
+                    self.save_hosts()           # other runs must know at once
+                return True
+            _, plan, dest, indices, results = answer
+            if results is not None:
+                plan.outcomes += _outcomes(indices, results, dest[0])
+            plan.open -= 1
+            if plan.open == 0:
+                due[plan.msg.id] = self._finish_safely(plan)
+            return True
+
         try:
             self.check_hosts(jobs)
-            work, answers = queues.SimpleQueue(), queues.SimpleQueue()
             for item in jobs.items():
                 work.put(item)
-            running = min(self.parallel, len(jobs))
-            for _ in range(running):
-                threading.Thread(target=self._worker, args=(work, answers),
-                                 daemon=True).start()
+            for _ in range(min(self.parallel, len(jobs))):
+                threads.append(threading.Thread(target=self._worker, args=(work, answers),
+                                                daemon=True))
+                threads[-1].start()
+            running = len(threads)
             while running:
-                answer = answers.get()
-                if answer is None:
-                    running -= 1
-                elif answer[0] == "host":
-                    self.note_host(*answer[1:])
-                    if answer[2] != "up":
-                        self.save_hosts()       # other runs must know at once
-                else:
-                    _, plan, dest, indices, results = answer
-                    if results is not None:
-                        plan.outcomes += _outcomes(indices, results, dest[0])
-                    plan.open -= 1
-                    if plan.open == 0:
-                        due[plan.msg.id] = self._finish_safely(plan)
+                running -= not take(answers.get())
         finally:
+            # after an error here: no worker may still be sending a message
+            # that is finished (recorded, unlocked) below
+            self.aborted = True
+            for thread in threads:
+                thread.join()
+            self.aborted = False
+            while not answers.empty():
+                take(answers.get())
             for plan in plans:
                 if plan.open > 0:       # not answered: recorded as tried so far, unlocked
                     plan.open = 0
@@ -286,7 +301,7 @@ class Runner:
                 except queues.Empty:
                     return
                 for plan, indices in items:
-                    if self.stopping():
+                    if self.stopping() or self.aborted:
                         results = None          # not tried: nothing is recorded
                     else:
                         program.title(f"masq-send: delivering {plan.msg.id} via {dest[0]}")
