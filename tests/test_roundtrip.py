@@ -46,3 +46,16 @@ def test_spool_keeps_the_bytes_with_lf_line_ends_and_the_envelope(tmp_path, chun
     assert msg.state[0][0] == "done" or len(recipients) == 1
     assert msg.state[len(recipients) - 1][0] == "deferred"
     os.unlink(msg.path)
+
+
+def test_a_commented_out_password_line_logs_in_no_more(tmp_path):
+    from masq import passwords
+    path = str(tmp_path / "passwd")
+    passwords.write_user(path, "alice", b"s3cret")
+    assert passwords.verify(path, "alice", b"s3cret")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(b"#" + data)
+    assert not passwords.verify(path, "alice", b"s3cret")
+    assert not passwords.verify(path, "#alice", b"s3cret")

@@ -311,6 +311,24 @@ def test_auth_without_tls_is_refused(masq, servers):
     assert handler.mails == 0
 
 
+def test_auth_is_never_sent_over_unverified_tls(masq, servers, tmp_path):
+    context, _ = tls_contexts(tmp_path)
+    handler = Recorder()
+    server = serve(servers, handler, tls_context=context,
+                   authenticator=authenticator("me", "s3cret"), auth_required=True)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="may",       # not verified
+          auth={"user": "me", "password_file": secret(masq)})
+    out = lines(smtp(masq, "--route", "isp", "a@b.example", "ok@x.example"))
+    assert out[0].startswith("Z not sending the password") and "unverified TLS" in out[0]
+    assert handler.mails == 0
+
+
+def test_auth_on_a_route_without_host_is_a_config_error(masq):
+    route(masq, auth={"user": "me", "password_file": secret(masq)})
+    r = smtp(masq, "--route", "isp", "a@b.example", "ok@x.example")
+    assert r.rc == 111 and b"auth needs a host or a wrapper" in r.err, r
+
+
 def test_auth_without_tls_when_the_route_allows_it(masq, servers):
     handler = Recorder()
     server = serve(servers, handler, auth_require_tls=False, auth_required=True,

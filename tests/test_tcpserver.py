@@ -92,3 +92,18 @@ def test_sigterm_with_m_stops_the_waiting_children_too(masq):
             return
         time.sleep(0.05)
     raise AssertionError("a child still listens after the listener stopped")
+
+
+def test_sigterm_with_m_frees_the_port_while_a_session_goes_on(masq):
+    server, port = start(masq, "-m", "50")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as session:
+        assert session.recv(100).startswith(b"220 ")      # a child holds the socket
+        server.terminate()
+        assert server.wait(timeout=20) == 0
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            raise AssertionError("the port still listens while a -m session goes on")
+        except ConnectionRefusedError:
+            pass
+        session.sendall(b"QUIT\r\n")
+        assert session.recv(100).startswith(b"221 ")

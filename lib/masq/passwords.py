@@ -44,9 +44,10 @@ class BadUserError(Error):
 def check_user(user):
     """Refuse a name that is empty, too long, or holds `:`, space or control characters."""
     if (not user or len(user.encode("utf-8", "surrogateescape")) > MAX_USER_BYTES
-            or ":" in user or any(not c.isprintable() or c.isspace() for c in user)):
-        raise BadUserError(f"bad user name {user[:40]!r}: no ':', spaces or control "
-                           f"characters, at most {MAX_USER_BYTES} bytes")
+            or ":" in user or user.startswith("#")
+            or any(not c.isprintable() or c.isspace() for c in user)):
+        raise BadUserError(f"bad user name {user[:40]!r}: no ':', spaces, control "
+                           f"characters or leading '#', at most {MAX_USER_BYTES} bytes")
     return user
 
 
@@ -81,6 +82,8 @@ def verify(path, user, password):
         raise PasswordFileError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
     name = user.encode("utf-8", "surrogateescape") + b":"
     for line in data.split(b"\n"):
+        if line.startswith(b"#") or not line.strip():
+            continue                    # a commented-out user logs in no more
         if line.startswith(name):
             entry = line[len(name):].strip()
             break
@@ -155,7 +158,9 @@ def write_user(path, user, password):
         tmp = f"{path}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join(lines))
+            data = memoryview(b"".join(lines))
+            while data:                 # a short write (a full disk) is no whole file
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -121,6 +121,9 @@ class Route:
             if not isinstance(auth, dict) or not auth.get("user") \
                     or not auth.get("password_file"):
                 raise _config_error(f"{conf.file}: {where}: auth needs user and password_file")
+            if not self.host and not self.wrapper:
+                raise _config_error(f"{conf.file}: {where}: auth needs a host or a wrapper: "
+                                    "the password would go to every recipient's MX")
             self.user = str(auth["user"])
             self.secret = _read_secret(conf.path(auth["password_file"], is_value=True))
 
@@ -498,9 +501,14 @@ class Session:
     def authenticate(self):
         """AUTH with the best mechanism both sides know (RFC 4954)."""
         route = self.route
-        if not self.conn.tls and not self.conn.proc and not route.allow_auth_without_tls:
+        # the password goes only where we know who reads it: over TLS whose
+        # certificate and name we checked, or through the route's own wrapper
+        safe = (self.conn.tls and route.verify) or self.conn.proc
+        if not safe and not route.allow_auth_without_tls:
+            why = "unverified TLS" if self.conn.tls else "TLS"
             raise DeliveryError(f"not sending the password for {route.label} to "
-                                f"{self.peer} without TLS (allow_auth_without_tls = false)")
+                                f"{self.peer} over {why} (set tls_verify = true, or "
+                                f"allow_auth_without_tls = true to allow it)")
         offered = self.extensions.get("AUTH", "").upper().split()
         if "AUTH" not in self.extensions:
             return          # as Postfix: send without AUTH, the server decides

@@ -169,6 +169,13 @@ def serve(sock, argv, limit, runner, maxuse=1):
                 if pid > 0:
                     children.add(pid)
                 conn.close()
+    # shutdown, not only close: a -m child holds a copy of this socket, and the
+    # port must stop listening now, not when that child's session ends
+    import socket
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     sock.close()
     for fd in (alive_w, alive_r):
         if fd is not None:
