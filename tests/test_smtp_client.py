@@ -652,3 +652,35 @@ def test_dns_server_failure_is_temporary(masq, monkeypatch):
         with pytest.raises(smtpclient.DeliveryError) as e:
             smtpclient.connect(config.load(masq.conf), "direct", "x.test")
     assert e.value.letter == "Z" and "DNS lookup of MX for x.test failed" in e.value.text
+
+
+def test_lmtp_cut_off_after_some_replies_keeps_the_answers_it_got(masq):
+    """An LMTP server that says 250 for the first recipient, then drops the line."""
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as f:
+            conn.sendall(b"220 lmtp\r\n")
+            while line := f.readline():
+                verb = line[:4].upper()
+                if verb == b"LHLO":
+                    conn.sendall(b"250-lmtp\r\n250 PIPELINING\r\n")
+                elif verb in (b"MAIL", b"RCPT"):
+                    conn.sendall(b"250 2.1.0 ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    while f.readline() not in (b".\r\n", b""):
+                        pass
+                    conn.sendall(b"250 2.0.0 <a@x.example> delivered\r\n")
+                    return                      # and the second reply never comes
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    route(masq, host=f"127.0.0.1:{port}", tls="none", protocol="lmtp")
+    out = lines(smtp(masq, "--route", "isp", "s@b.example", "a@x.example", "b@x.example"))
+    thread.join(timeout=20)
+    listener.close()
+    assert out[0].startswith("K ") and "delivered" in out[0]
+    assert out[1].startswith("Z ")

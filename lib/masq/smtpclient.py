@@ -624,8 +624,23 @@ class Session:
                               f"{self.peer} said to DATA: {data_reply.text}")
             return results
         self._write_message(message)
-        final = [self._reply(timeouts["data_done_timeout"], "to the end of the message")
-                 for _ in (accepted if self.lmtp else [None])]
+        final = []
+        try:
+            for _ in (accepted if self.lmtp else [None]):
+                final.append(self._reply(timeouts["data_done_timeout"],
+                                         "to the end of the message"))
+        except DeliveryError as e:
+            if not final:
+                raise
+            # LMTP, cut off after some replies: those recipients have their answer;
+            # only the others are tried again (no duplicate for the delivered ones)
+            peer = self.peer
+            self.usable = False
+            self.close()
+            for n, i in enumerate(accepted):
+                results[i] = ((final[n].letter, f"{peer} said: {final[n].text}")
+                              if n < len(final) else (e.letter, e.text))
+            return results
         for n, i in enumerate(accepted):
             reply = final[n] if self.lmtp else final[0]
             results[i] = (reply.letter, f"{self.peer} said: {reply.text}")
