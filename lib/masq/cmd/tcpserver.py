@@ -36,20 +36,8 @@ IDLE_SECONDS = 10               # with -m: a child waits this long for its next 
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        limit = int(args["-c"])
-        if limit < 1:
-            raise ValueError
-    except ValueError:
-        raise Error(f"bad connection limit {args['-c']}: give a positive number",
-                    code=Exit.USAGE, temporary=False) from None
-    try:
-        maxuse = int(args["-m"])
-        if maxuse < 1:
-            raise ValueError
-    except ValueError:
-        raise Error(f"bad -m {args['-m']}: give a positive number",
-                    code=Exit.USAGE, temporary=False) from None
+    limit = _positive(args["-c"], "connection limit -c")
+    maxuse = _positive(args["-m"], "-m")
     argv = args["PROGRAM"]
     runner = _in_process(argv)
     sock = listen(args["HOST"], args["PORT"])
@@ -58,6 +46,17 @@ def main(argv=None):
         sys.stdout.flush()
     serve(sock, argv, limit, runner, maxuse)
     return Exit.OK
+
+
+def _positive(text, what):
+    """A positive whole number from the command line, or the usage error."""
+    try:
+        value = int(text)
+        if value >= 1:
+            return value
+    except ValueError:
+        pass
+    raise Error(f"bad {what} {text}: give a positive number", code=Exit.USAGE, temporary=False)
 
 
 def parse(argv):
