@@ -107,3 +107,13 @@ def test_runq_and_the_daemon_agree_on_messages_that_vanish(masq):
         assert b"Traceback" not in p.stderr.read()
     assert masq.queue_ids() == []
     assert len(list(masq.maildir("bob"))) == 30
+
+
+def test_max_size_counts_what_the_sender_sent_not_the_received_line(masq):
+    masq.set_config(open(masq.conf).read().replace("max_size = 52428800", "max_size = 1000"))
+    exact = b"Subject: x\n\n" + b"y" * (1000 - 13) + b"\n"
+    assert len(exact) == 1000
+    enqueue(masq, exact, "a@example.org", ["bob@localhost"]).ok()
+    r = enqueue(masq, exact + b"z", "a@example.org", ["bob@localhost"])
+    assert r.rc == 65 and b"larger than the limit" in r.err, r
+    assert len(masq.queue_ids()) == 1

@@ -185,6 +185,7 @@ class NewMessage:
         self.spool = spool
         self.max_size = max_size
         self.size = 0
+        self.uncounted = 0          # bytes we add ourselves (Received:), not held to max_size
         self._carry = b""           # a CR at the end of the last write
         self._committed = False
         now = int(time.time() * 1e6)
@@ -223,7 +224,7 @@ class NewMessage:
             data, self._carry = data[:-1], b"\r"
         data = data.replace(b"\r\n", b"\n")
         self.size += len(data)
-        if self.max_size is not None and self.size > self.max_size:
+        if self.max_size is not None and self.size - self.uncounted > self.max_size:
             raise TooBigError(f"message larger than the limit of {self.max_size} bytes")
         self._write_raw(data)
 

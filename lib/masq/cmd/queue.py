@@ -80,7 +80,9 @@ def enqueue(conf, stream, env, trace, queue=None):
     from masq import log, message, spool
     queue = queue or spool.Spool(conf.path("spool"))
     with queue.new_message(conf.get("max_size")) as new:
-        new.write(message.received(new.id, conf.hostname, trace))
+        received = message.received(new.id, conf.hostname, trace)
+        new.uncounted = len(received)       # max_size is for what the sender sent
+        new.write(received)
         new.copy_from(stream)
         if callable(env):
             env = env()
