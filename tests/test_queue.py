@@ -117,3 +117,15 @@ def test_max_size_counts_what_the_sender_sent_not_the_received_line(masq):
     r = enqueue(masq, exact + b"z", "a@example.org", ["bob@localhost"])
     assert r.rc == 65 and b"larger than the limit" in r.err, r
     assert len(masq.queue_ids()) == 1
+
+
+def test_an_empty_recipient_in_the_envelope_queues_nothing(masq):
+    import subprocess
+    r, w = os.pipe()
+    os.write(w, b"Fa@example.org\0T\0\0")
+    os.close(w)
+    p = subprocess.run(["masq-queue"], input=b"x\n", stdout=r, stderr=subprocess.PIPE,
+                       env=masq.env())
+    os.close(r)
+    assert p.returncode == 65 and b"empty recipient" in p.stderr
+    assert masq.queue_ids() == []

@@ -69,6 +69,8 @@ def decode(data):
     for field in fields[1:]:
         if not field.startswith(b"T"):
             raise EnvelopeError("envelope field is neither F nor T")
+        if field == b"T":
+            raise EnvelopeError("envelope has an empty recipient")
         recipients.append(_text(field[1:]))
         if len(recipients) > MAX_RECIPIENTS:
             raise EnvelopeError(f"more than {MAX_RECIPIENTS} recipients")
@@ -79,7 +81,7 @@ def decode(data):
 
 def read(fd):
     """Read a whole envelope from a descriptor."""
-    chunks, total = [], 0
+    chunks, total, tail = [], 0, b""
     limit = (MAX_RECIPIENTS + 1) * (MAX_ADDRESS_BYTES + 2)
     while True:
         try:
@@ -92,7 +94,8 @@ def read(fd):
         total += len(chunk)
         if total > limit:
             raise EnvelopeError("envelope too long")
-        if (chunks[-1] if len(chunk) > 1 else b"".join(chunks[-2:])).endswith(b"\0\0"):
+        tail = (tail + chunk)[-2:]
+        if tail == b"\0\0":        # only the end holds two NULs in a row: fields are not empty
             break
     return decode(b"".join(chunks))
 
