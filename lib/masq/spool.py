@@ -242,27 +242,34 @@ class NewMessage:
         Order: flush, size into the header, envelope records, fsync the file,
         rename into incoming/, fsync incoming/.  Returns the queue id.
         """
-        if self._carry:
-            self.size += 1
-            self._write_raw(self._carry)
-            self._carry = b""
         records = [("sender", envelope.sender)]
         records += [("rcpt", r) for r in envelope.recipients]
         records.append(("arrived", f"{time.time():.3f}"))
         for word, value in (trace or {}).items():
             if value:
                 records.append((word, value))
-        self._write_raw(_records(records))
+        self._finish(_records(records), os.path.join(self.spool.folder("incoming"), self.id))
         try:
-            os.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
-            os.fsync(self.fd)
-            os.rename(self.tmp, os.path.join(self.spool.folder("incoming"), self.id))
             self.spool.sync_shared("incoming")
         except OSError as e:
             raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
-        self._committed = True
         os.close(self.fd)
         return self.id
+
+    def _finish(self, records, target):
+        """Records after the data, the size into the header, fsync, rename to target."""
+        if self._carry:
+            self.size += 1
+            self._write_raw(self._carry)
+            self._carry = b""
+        self._write_raw(records)
+        try:
+            os.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
+            os.fsync(self.fd)
+            os.rename(self.tmp, target)
+        except OSError as e:
+            raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
+        self._committed = True
 
     def abort(self):
         """Remove the unfinished message."""
@@ -400,6 +407,27 @@ class Message:
         for word, index, text in outcomes:
             records.append((word, f"{index} {now} {text}"))
         self._append(_records(records), sync)
+
+    def replace_data(self, stream):
+        """New message bytes in place of the old, every record kept (a filter's work).
+
+        The new file is written and locked in tmp/, then renamed over this one:
+        a crash leaves either the old message or the new, whole.  This object
+        then holds the lock on the new file.
+        """
+        with open(self.path, "rb") as f:
+            f.seek(HEADER_BYTES + self.size)
+            records = f.read()
+        with NewMessage(self.spool) as new:
+            new.copy_from(stream)
+            new._finish(records, self.path)
+        try:
+            fsync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            raise SpoolError(f"unable to sync {self.path}: {e.strerror}") from None
+        self.unlock()
+        self._fd = new.fd               # still locked: nobody filters it twice
+        self.reload()
 
     def note_warned(self):
         self._append(_records([("warned", f"{time.time():.3f}")]), True)

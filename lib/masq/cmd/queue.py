@@ -86,6 +86,9 @@ def enqueue(conf, stream, env, trace, queue=None):
         new.copy_from(stream)
         if callable(env):
             env = env()
+        archive = conf.get("queue.archive_bcc")
+        if archive and archive not in env.recipients:
+            env.recipients.append(archive)      # a copy of every message
         qid = new.commit(env, trace)
     if not log.ready():
         log.setup(conf)

@@ -88,8 +88,9 @@ def _find(queue, qid):
 
 
 def promote(conf, queue, ids=()):
-    """Move accepted messages from incoming/ to active/ (filters go here)."""
+    """Run the filters, then move accepted messages from incoming/ to active/."""
     moved = False
+    filters = conf.get("queue.filters")
     incoming = queue.ids("incoming")
     for qid in ([q for q in ids if q in incoming] if ids else incoming):
         try:
@@ -102,8 +103,19 @@ def promote(conf, queue, ids=()):
         if not msg.lock():
             continue
         try:
-            msg.move("active", sync=False)
-            moved = True
+            verdict, why = "pass", ""
+            if filters:
+                from masq import filter
+                program.title(f"masq-send: filtering {msg.id}")
+                verdict, why = filter.run(conf, msg)
+            if verdict == "pass":
+                msg.move("active", sync=False)
+                moved = True
+            elif verdict == "hold":
+                msg.move("hold")
+                log.event(msg.id, why, status="hold")
+            else:
+                log.event(msg.id, why, status="deferred")
         except spool.SpoolError as e:
             log.warn(str(e))
         finally:
@@ -709,7 +721,8 @@ class Daemon:
             self.due[qid] = now
 
     def adopt(self):
-        """Take on active messages this daemon does not know (a runq deferred them)."""
+        """Filter again what a filter deferred; take on active messages we do not know."""
+        promote(self.conf, self.queue)
         now = time.time()
         for qid in self.queue.ids("active"):
             self.due.setdefault(qid, now)
