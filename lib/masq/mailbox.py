@@ -267,13 +267,13 @@ def program(argv, head, stream, env, cwd=None, timeout=3600, name=None):
             raise DeliveryError(f"unable to run {argv[0]}: {e.strerror}") from None
         deadline = time.monotonic() + timeout
         try:
-            _feed(child, _Chain(head, stream), deadline)
+            feed(child, _Chain(head, stream), deadline)
             status = child.wait(max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            _kill(child)
+            kill(child)
             raise DeliveryError(f"{name} timed out after {timeout} seconds") from None
         except BaseException:
-            _kill(child)
+            kill(child)
             raise
         if status == 0:
             return f"program {name}"
@@ -283,7 +283,7 @@ def program(argv, head, stream, env, cwd=None, timeout=3600, name=None):
         raise DeliveryError(reason, temporary=status == EX_TEMPFAIL)
 
 
-def _feed(child, reader, deadline):
+def feed(child, reader, deadline):
     """Write the message to the child's stdin, never past the deadline."""
     import selectors
     import subprocess
@@ -312,7 +312,7 @@ def _feed(child, reader, deadline):
                 pass
 
 
-def _kill(child):
+def kill(child):
     """Kill a program and everything it started, and reap it."""
     import signal
     try:

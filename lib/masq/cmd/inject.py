@@ -232,15 +232,15 @@ def submit(conf, opts):
     env = Envelope(sender, recipients)
     trace = {"proto": "local", "user": login}
     stream = Body(head, source)
-    if os.environ.get("MASQ_QUEUE"):
-        qid = None
-        _queue_by_program(os.environ["MASQ_QUEUE"], stream, env, trace)
-        woken = False
-    else:
-        from masq.cmd.queue import enqueue
-        queue = _queue(conf.path("spool"))
-        qid = enqueue(conf, stream, env, trace, queue=queue)
-        woken = queue.woken
+    from masq.cmd.queue import HookError, submit
+    queue = _queue(conf.path("spool"))
+    try:
+        qid = submit(conf, stream, env, trace, queue=queue)
+    except HookError as e:      # a sysexits code from the hook is ours to give too
+        if e.status is not None and 64 <= e.status <= 78:
+            e.code = e.status
+        raise
+    woken = queue.woken
     if opts.verbose:
         program._say(f"{program.name()}: {qid or 'message'}: queued, from <{sender}> to "
                      + ", ".join(f"<{r}>" for r in recipients))
@@ -293,43 +293,6 @@ def _background(run_args):
         pass
     finally:
         os._exit(code if isinstance(code, int) else Exit.TEMPFAIL)
-
-
-def _queue_by_program(path, stream, env, trace):
-    """Run $MASQ_QUEUE: message on its fd 0, envelope on its fd 1."""
-    import subprocess
-    environ = dict(os.environ, MASQ_PROTO=trace["proto"], MASQ_USER=trace["user"])
-    data_r, data_w = os.pipe()
-    env_r, env_w = os.pipe()
-    try:
-        child = subprocess.Popen([path], stdin=data_r, stdout=env_r, env=environ)
-    except OSError as e:
-        raise Error(f"unable to run MASQ_QUEUE={path}: {e.strerror}",
-                    code=Exit.TEMPFAIL) from None
-    finally:
-        os.close(data_r)
-        os.close(env_r)
-    try:
-        with open(data_w, "wb", closefd=True) as out:
-            while chunk := stream.read(65536):
-                out.write(chunk)
-        with open(env_w, "wb", closefd=True) as out:
-            out.write(env.encode())
-    except BrokenPipeError:
-        pass
-    finally:
-        for fd in (data_w, env_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    status = child.wait()
-    if status == 0:
-        return
-    temporary, text = program.classify(status)
-    code = status if 64 <= status <= 78 else (Exit.TEMPFAIL if temporary else Exit.DATAERR)
-    raise Error(f"MASQ_QUEUE={path} refused the message: {text}", code=code,
-                temporary=temporary)
 
 
 def _program(name):

@@ -308,14 +308,11 @@ class _Plan:
         if len(where) > 300:
             where = f"{where[:300]}... ({len(self.forward)} addresses)"
         try:
-            if os.environ.get("MASQ_QUEUE"):
-                _run_queue(os.environ["MASQ_QUEUE"], reader, env, trace, _timeout(self.conf))
-                return ("K", f"forwarded to {where}")
             from masq.cmd import queue
-            qid = queue.enqueue(self.conf, reader, env, trace)
+            qid = queue.submit(self.conf, reader, env, trace, timeout=_timeout(self.conf))
         except Error as e:
             return ("Z" if e.temporary else "D", f"unable to forward to {where}: {e}")
-        return ("K", f"forwarded to {where} as {qid}")
+        return ("K", f"forwarded to {where}" + (f" as {qid}" if qid else ""))
 
     # -- answering
 
@@ -338,39 +335,6 @@ class _Plan:
             first += f" (the other {len(done)} target{'s' if len(done) > 1 else ''} " \
                      "of this address were delivered)"
         return (letter, first)
-
-
-def _run_queue(program, reader, env, trace, timeout):
-    """Run $MASQ_QUEUE: message on fd 0, envelope on fd 1, trace in MASQ_*."""
-    import subprocess
-    import tempfile
-    import time
-    from masq import mailbox
-    from masq import program as prog
-    from masq.cmd.queue import TRACE_ENV
-    child_env = dict(os.environ)
-    for word, var in TRACE_ENV.items():
-        child_env.pop(var, None)
-        if trace.get(word):
-            child_env[var] = trace[word]
-    with tempfile.TemporaryFile() as envelope:
-        envelope.write(env.encode())
-        envelope.seek(0)
-        try:
-            child = subprocess.Popen([program], stdin=subprocess.PIPE, stdout=envelope,
-                                     env=child_env, start_new_session=True)
-        except OSError as e:
-            raise Error(f"unable to run {program}: {e.strerror}") from None
-        deadline = time.monotonic() + timeout
-        try:
-            mailbox._feed(child, reader, deadline)
-            status = child.wait(max(deadline - time.monotonic(), 0))
-        except subprocess.TimeoutExpired:
-            mailbox._kill(child)
-            raise Error(f"{program} timed out") from None
-    temporary, text = prog.classify(status)
-    if temporary is not None:
-        raise Error(f"{program}: {text}", temporary=temporary)
 
 
 def _delivered_to(head):

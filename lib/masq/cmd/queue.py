@@ -99,6 +99,74 @@ def enqueue(conf, stream, env, trace, queue=None):
     return qid
 
 
+HOOK_TIMEOUT_SECONDS = 86400    # a $MASQ_QUEUE stuck this long is killed (qmail-queue's DEATH)
+
+
+class HookError(Error):
+    """$MASQ_QUEUE did not take the message; `status` is its exit status (None: never ran)."""
+
+    def __init__(self, message, status=None, temporary=True):
+        super().__init__(message, code=Exit.TEMPFAIL if temporary else Exit.DATAERR,
+                         temporary=temporary)
+        self.status = status
+
+
+def submit(conf, stream, env, trace, queue=None, timeout=HOOK_TIMEOUT_SECONDS):
+    """Queue one message: in-process, or through $MASQ_QUEUE when it is set.
+
+    Returns the queue id (None from a $MASQ_QUEUE program, which tells none).
+    Every program that hands messages to masq-queue goes through here.
+    """
+    path = os.environ.get("MASQ_QUEUE")
+    if not path:
+        return enqueue(conf, stream, env, trace, queue=queue)
+    run_hook(path, stream, env, trace, timeout)
+    return None
+
+
+def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
+    """Run $MASQ_QUEUE as masq-queue runs: message on fd 0, envelope on fd 1, trace in MASQ_*.
+
+    The envelope waits in a temporary file, so the program may read it when
+    it likes; the message is fed within the timeout.  Raises HookError unless
+    the program exits 0.
+    """
+    import subprocess
+    import tempfile
+
+    from masq import mailbox
+    environ = dict(os.environ)
+    for word, var in TRACE_ENV.items():
+        environ.pop(var, None)
+        if trace.get(word):
+            environ[var] = trace[word]
+    with tempfile.TemporaryFile() as envelope:
+        envelope.write(env.encode())
+        envelope.flush()
+        envelope.seek(0)
+        try:
+            child = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=envelope,
+                                     env=environ, start_new_session=True)
+        except OSError as e:
+            raise HookError(f"unable to run MASQ_QUEUE={path}: {e.strerror}") from None
+        deadline = time.monotonic() + timeout
+        try:
+            mailbox.feed(child, stream, deadline)
+            while stream.read(65536):       # it stopped reading: the rest is not its
+                pass
+            status = child.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            mailbox.kill(child)
+            raise HookError(f"MASQ_QUEUE={path} took longer than {timeout:g} s") from None
+        except BaseException:
+            mailbox.kill(child)
+            raise
+    if status != 0:
+        temporary, text = program.classify(status)
+        raise HookError(f"MASQ_QUEUE={path} refused the message: {text}", status=status,
+                        temporary=temporary)
+
+
 def describe(queue):
     """What mailq prints: one block per message."""
     from masq import spool

@@ -502,12 +502,8 @@ class Session:
         """Hand the message to masq-queue (in-process) or to $MASQ_QUEUE."""
         from masq.envelope import Envelope
         env = Envelope(self.sender, self.rcpts)
-        trace = self.trace()
-        program_path = os.environ.get("MASQ_QUEUE")
-        if program_path:
-            return run_queue_program(program_path, stream, env, trace)
-        from masq.cmd.queue import enqueue
-        return enqueue(self.conf, stream, env, trace)
+        from masq.cmd.queue import submit
+        return submit(self.conf, stream, env, self.trace())
 
     def trace(self):
         proto = "utf8smtp" if self.utf8 else "esmtp" if self.esmtp else "smtp"
@@ -773,51 +769,6 @@ def parse_bdat(arg):
     if len(words) == 2 and words[1].upper() == "LAST":
         return int(words[0]), True
     return None, False
-
-
-def run_queue_program(path, stream, env, trace):
-    """$MASQ_QUEUE: message on its fd 0, envelope on its fd 1, trace in MASQ_*."""
-    import subprocess
-
-    from masq.cmd.queue import TRACE_ENV
-    environ = dict(os.environ)
-    for word, var in TRACE_ENV.items():
-        environ.pop(var, None)
-        if trace.get(word):
-            environ[var] = trace[word]
-    r, w = os.pipe()
-    try:
-        child = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=r, env=environ,
-                                 close_fds=True)
-    except OSError as e:
-        os.close(r)
-        os.close(w)
-        raise Error(f"unable to run {path}: {e.strerror}") from None
-    os.close(r)
-    try:
-        try:
-            while data := stream.read(65536):
-                child.stdin.write(data)
-            child.stdin.close()
-            os.write(w, env.encode())
-        except BrokenPipeError:     # it stopped reading: its status says why
-            stream.drain()
-        finally:
-            os.close(w)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    finally:
-        try:
-            child.stdin.close()
-        except BrokenPipeError:
-            pass
-    status = child.wait()
-    temporary, text = program.classify(status)
-    if temporary is None:
-        return None
-    raise Error(f"{path}: {text}", temporary=temporary)
 
 
 def host_name(name):
