@@ -87,9 +87,29 @@ class Masq:
         with open(self.conf, "w") as f:
             f.write(text)
 
+    def use_mailbox(self, kind, path=None, mda=None):
+        """Switch [local] of the masq-setup config: mailbox kind, path, MDA command."""
+        with open(self.conf) as f:
+            text = f.read().replace('mailbox = "maildir"', f'mailbox = "{kind}"')
+        if path is None and kind == "mbox":
+            path = "mail/{user}"
+        if path is not None:
+            text = text.replace('path = "mail/{user}/"', f'path = "{path}"')
+        if mda is not None:
+            text = text.replace('mda = "procmail -d {user}"', f'mda = "{mda}"')
+        self.set_config(text)
+
     def queue_ids(self, stage=None):
         stages = [stage] if stage else ["incoming", "active", "hold"]
         return sorted(n for s in stages for n in os.listdir(os.path.join(self.spool, s)))
+
+    def log(self):
+        """The event log so far ("" before its first line)."""
+        try:
+            with open(os.path.join(self.dir, "masq.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def maildir(self, user):
         import mailbox
@@ -104,6 +124,15 @@ def fresh_bytecode():
     import compileall
     lib = os.path.join(os.path.dirname(__file__), "..", "lib")
     compileall.compile_dir(lib, quiet=1)
+
+
+@pytest.fixture
+def servers():
+    """Servers a test starts (each with a stop()); all stopped after it."""
+    started = []
+    yield started
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

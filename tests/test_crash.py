@@ -114,8 +114,7 @@ def test_masq_send_killed_during_maildir_delivery_delivers_everything_at_most_tw
 
 
 def test_masq_send_killed_during_mbox_delivery_never_leaves_half_a_message(masq):
-    text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mbox"')
-    masq.set_config(text.replace('path = "mail/{user}/"', 'path = "mail/{user}"'))
+    masq.use_mailbox("mbox")
     rng = random.Random(3)
     queue_many(masq, COUNT, "mb")
     kills = kill_runs_until_empty(masq, rng)

@@ -17,16 +17,8 @@ def send_and_runq(masq):
     assert masq.queue_ids() == []
 
 
-def use(masq, mailbox_kind, path, mda=None):
-    text = open(masq.conf).read().replace('mailbox = "maildir"', f'mailbox = "{mailbox_kind}"')
-    text = text.replace('path = "mail/{user}/"', f'path = "{path}"')
-    if mda:
-        text = text.replace('mda = "procmail -d {user}"', f'mda = "{mda}"')
-    masq.set_config(text)
-
-
 def test_sendmail_runq_mbox_is_mboxrd_and_reads_back(masq):
-    use(masq, "mbox", "mail/{user}")
+    masq.use_mailbox("mbox")
     send_and_runq(masq)
     send_and_runq(masq)
     path = os.path.join(masq.dir, "mail", "bob")
@@ -51,7 +43,7 @@ def test_sendmail_runq_procmail_as_the_mda(masq, tmp_path):
     target = tmp_path / "procmail-box"
     rc = tmp_path / "procmailrc"
     rc.write_text(f"LOGFILE={tmp_path}/procmail.log\n:0\n{target}/\n")   # a maildir: no lock
-    use(masq, "mda", "mail/{user}/", mda=f"procmail -p -m {rc}")
+    masq.use_mailbox("mda", mda=f"procmail -p -m {rc}")
     send_and_runq(masq)
     box = mailbox.Maildir(str(target), create=False)
     (msg,) = list(box)

@@ -48,8 +48,7 @@ def test_a_pipe_or_path_local_part_from_sendmail_bounces_and_runs_nothing(masq, 
 
 
 def test_mbox_mail_for_name_dot_lock_bounces_and_never_touches_the_lock(masq):
-    text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mbox"')
-    masq.set_config(text.replace('path = "mail/{user}/"', 'path = "mail/{user}"'))
+    masq.use_mailbox("mbox")
     for rcpt in ("bob.lock@localhost", "bob@localhost"):
         run([masq.bin("sendmail"), "-odq", "-f", "alice@test.example", rcpt],
             input=b"Subject: x\n\nhi\n", env=clean_env()).ok()

@@ -20,14 +20,6 @@ MESSAGE = (b"From: Alice <alice@laptop.example.org>\nTo: bob@remote.example\n"
 REWRITE = '{ "*@laptop.example.org" = "me@isp.example" }'
 
 
-@pytest.fixture
-def servers():
-    started = []
-    yield started
-    for server in started:
-        server.stop()
-
-
 def serve(servers, handler=None, **kw):
     server = AioServer(handler or Recorder(), **kw)
     servers.append(server)
@@ -98,14 +90,6 @@ def spool_data(masq):
                 return f.read()
 
 
-def log(masq):
-    try:
-        with open(os.path.join(masq.dir, "masq.log")) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 @pytest.fixture
 def smarthost(tmp_path, servers):
     """masq-setup smarthost against aiosmtpd with STARTTLS and AUTH; detect = "file"."""
@@ -140,7 +124,7 @@ def test_offline_mail_waits_then_runq_delivers_rewritten(smarthost):
     expected = stored.replace(b"From: Alice <alice@laptop.example.org>",
                               b"From: Alice <me@isp.example>", 1)
     assert expected != stored and content == expected.replace(b"\n", b"\r\n")
-    assert "relay=smarthost" in log(masq) and "status=sent" in log(masq)
+    assert "relay=smarthost" in masq.log() and "status=sent" in masq.log()
 
 
 def test_sendmail_qo_delivers_without_the_online_file(smarthost):
@@ -342,7 +326,7 @@ def test_two_masq_instances_by_mx_from_dnsmasq(masq, tmp_path, dns):  # noqa: F8
     assert got.as_bytes().endswith(b"\n.a line with a dot\nbody from "
                                    b"alice@laptop.example.org\n")
     assert second.queue_ids() == []
-    assert "relay=direct" in log(masq) and "status=sent" in log(masq)
+    assert "relay=direct" in masq.log() and "status=sent" in masq.log()
     status = cmd(masq, "hoststat").ok().out.decode()
     assert "b.test" in status and " up " in status
 

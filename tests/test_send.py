@@ -20,17 +20,7 @@ def set_mda(masq, script, tmp_path):
     stub = tmp_path / "mda"
     stub.write_text("#!/bin/sh\n" + script + "\n")
     stub.chmod(0o755)
-    text = open(masq.conf).read().replace('mailbox = "maildir"', 'mailbox = "mda"')
-    text = text.replace('mda = "procmail -d {user}"', f'mda = "{stub}"')
-    masq.set_config(text)
-
-
-def log(masq):
-    try:
-        with open(os.path.join(masq.dir, "masq.log")) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+    masq.use_mailbox("mda", mda=str(stub))
 
 
 def test_runq_delivers_into_the_maildir_and_empties_the_queue(masq):
@@ -41,8 +31,8 @@ def test_runq_delivers_into_the_maildir_and_empties_the_queue(masq):
     assert msg.as_bytes().endswith(b"Subject: hello\n\nbody line\n")
     assert msg["Delivered-To"] == "bob@localhost"
     assert masq.queue_ids() == []
-    assert "to=<bob@localhost> relay=local" in log(masq)
-    assert "status=sent" in log(masq)
+    assert "to=<bob@localhost> relay=local" in masq.log()
+    assert "status=sent" in masq.log()
 
 
 def test_no_route_bounces_to_the_sender_with_a_dsn(masq):
@@ -61,14 +51,14 @@ def test_no_route_bounces_to_the_sender_with_a_dsn(masq):
     assert "Action: failed" in status and "Status: 5.4.4" in status
     assert parts[2].get_content_type() == "text/rfc822-headers"
     assert "Subject: hello" in parts[2].as_string()
-    assert "status=bounced" in log(masq)
+    assert "status=bounced" in masq.log()
 
 
 def test_a_bounce_is_never_bounced(masq):
     enqueue(masq, MESSAGE, "", ["x@remote.example"]).ok()
     runq(masq)
     assert masq.queue_ids() == []
-    assert "status=dropped" in log(masq)
+    assert "status=dropped" in masq.log()
     assert not os.path.exists(os.path.join(masq.dir, "mail", "postmaster"))
 
 
@@ -96,7 +86,7 @@ def test_deferred_too_long_bounces(masq, tmp_path):
     # the bounce for someone@remote.example has no route either, and a bounce
     # of a bounce is dropped: the queue ends empty
     assert masq.queue_ids() == []
-    assert "gave up after" in log(masq)
+    assert "gave up after" in masq.log()
 
 
 def test_permanent_mda_failure_bounces_one_recipient_and_delivers_the_other(masq, tmp_path):
@@ -105,8 +95,8 @@ def test_permanent_mda_failure_bounces_one_recipient_and_delivers_the_other(masq
     enqueue(masq, MESSAGE, "x@remote.example", ["bob@localhost", "carol@localhost"]).ok()
     runq(masq)
     assert (tmp_path / "got-bob").exists()
-    assert "to=<carol@localhost> relay=local" in log(masq)
-    assert "status=bounced" in log(masq)
+    assert "to=<carol@localhost> relay=local" in masq.log()
+    assert "status=bounced" in masq.log()
 
 
 def test_mail_for_an_offline_route_waits_without_bouncing(masq):
@@ -137,14 +127,14 @@ def test_daemon_is_woken_by_each_enqueue_and_stops_on_sigterm(masq):
     daemon = subprocess.Popen([os.path.join(BIN, "masq-send")], env=masq.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert wait_for(lambda: "daemon started" in log(masq)), log(masq)
+        assert wait_for(lambda: "daemon started" in masq.log()), masq.log()
         for n in range(3):
             enqueue(masq, MESSAGE + b"%d\n" % n, "alice@test.example", ["bob@localhost"]).ok()
         assert wait_for(lambda: len(os.listdir(os.path.join(masq.dir, "mail/bob/new"))) == 3
                         if os.path.isdir(os.path.join(masq.dir, "mail/bob/new")) else False)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
-        assert "daemon stopped" in log(masq)
+        assert "daemon stopped" in masq.log()
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -164,7 +154,7 @@ def test_daemon_keeps_running_when_online_detection_fails(masq):
     daemon = subprocess.Popen([os.path.join(BIN, "masq-send")], env=masq.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert wait_for(lambda: "daemon started" in log(masq)), log(masq)
+        assert wait_for(lambda: "daemon started" in masq.log()), masq.log()
         enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
         new = os.path.join(masq.dir, "mail/bob/new")
         assert wait_for(lambda: os.path.isdir(new) and len(os.listdir(new)) == 1)
@@ -190,7 +180,7 @@ def test_days_spent_waiting_do_not_count_against_max_age(masq, tmp_path):
         f.write(head + b"\narrived " + old + b"\n" + tail)
     runq(masq)
     assert masq.queue_ids("active") == [qid]         # deferred, not bounced
-    assert "status=bounced" not in log(masq)
+    assert "status=bounced" not in masq.log()
 
 
 def test_one_delay_warning_when_a_recipient_fails_long_enough(masq, tmp_path):
@@ -205,7 +195,7 @@ def test_one_delay_warning_when_a_recipient_fails_long_enough(masq, tmp_path):
     assert b"Action: delayed" in warnings and b"Status: 4.0.0" in warnings
     assert b"mailbox busy" in warnings
     assert len(masq.queue_ids("active")) == 1          # still being retried
-    assert "status=delayed" in log(masq)
+    assert "status=delayed" in masq.log()
 
 
 def test_a_bounce_that_cannot_be_queued_does_not_deliver_the_others_twice(masq):

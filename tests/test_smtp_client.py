@@ -13,14 +13,6 @@ MESSAGE = (b"From: a@b.example\nTo: ok@x.example\nSubject: hi\n\n"
 WIRE = MESSAGE.replace(b"\n", b"\r\n")
 
 
-@pytest.fixture
-def servers():
-    started = []
-    yield started
-    for server in started:
-        server.stop()
-
-
 def serve(servers, handler=None, **kw):
     server = AioServer(handler or Recorder(), **kw)
     servers.append(server)
