@@ -5,7 +5,9 @@ above the one the program was called from (so DIR/bin/sendmail finds
 DIR/masq.toml by itself), else /etc/masq/masq.toml.  The path found is put
 into $MASQ_CONF so that every program the chain runs reads the same file.
 
-A missing key takes its default from DEFAULTS (documented in masq.toml(5)).
+A missing key takes its default from DEFAULTS (documented in masq.toml(5));
+the [smtpd] and [route.NAME] tables keep theirs beside the one program
+that reads them (masq.cmd.smtpd.SETTINGS, masq.smtpclient.Route).
 An unreadable or invalid file is an error, never a guess.
 
 tomllib costs more to import than a whole `sendmail` call may take, so the
@@ -45,10 +47,6 @@ DEFAULTS = {
     "queue.interval": 600,             # daemon: a full queue run at least this often
     "queue.parallel": 2,
     "queue.hoststat_timeout": 1800,   # runq trusts a host's failure this long
-    "smtpd.tls_cert": "",
-    "smtpd.tls_key": "",
-    "smtpd.passwords": "passwd",
-    "smtpd.auth_without_tls": False,
     "online.detect": "always",
     "online.file": "online",
     "online.command": "",

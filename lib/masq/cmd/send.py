@@ -30,7 +30,6 @@ from masq.program import Exit
 
 POLL_SECONDS = 60               # the daemon looks at the online routes this often
 BATCH_MESSAGES = 256            # messages held locked at once while routes deliver them
-HOSTSTAT_TIMEOUT_SECONDS = 1800     # runq trusts a "down" host this long (sendmail's)
 LOST_SESSIONS_LIMIT = 2         # connections lost in a row before a destination is down
 MAX_HEADER_BYTES = 256 * 1024   # rewrite_sender looks this far for the header section
 BUSY = object()                 # Runner.plan(): another process holds the message
@@ -392,7 +391,7 @@ class Runner:
                 continue
             until = host.updated + backoff(self.conf, host.failures)
             if self.runq:
-                until = min(until, host.updated + hoststat_timeout(self.conf))
+                until = min(until, host.updated + self.conf.get("queue.hoststat_timeout"))
             if now < until:
                 self.down[dest] = (host.updated, "Z", host.text)
 
@@ -498,12 +497,6 @@ def backoff(conf, tries):
     """Seconds to wait after the n-th failed attempt: doubling, capped."""
     return min(conf.get("queue.retry_min") * 2 ** (max(tries, 1) - 1),
                conf.get("queue.retry_max"))
-
-
-def hoststat_timeout(conf):
-    """How long runq believes a host is down (queue.hoststat_timeout)."""
-    value = conf.get("queue.hoststat_timeout")
-    return HOSTSTAT_TIMEOUT_SECONDS if value is None else value
 
 
 def _label(conf, dest):
