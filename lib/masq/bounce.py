@@ -98,12 +98,13 @@ def send(conf, queue, msg, failed, delayed=False):
     """Queue a bounce (or a delay warning) for msg; return its id, or None for <>."""
     if not msg.sender:
         return None
-    from masq import envelope, spool
+    import io
+
+    from masq import envelope
     from masq.cmd.queue import enqueue
     stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
     data = build(conf, msg, failed, stamp, delayed)
     env = envelope.Envelope("", [msg.sender])
-    import io
     return enqueue(conf, io.BytesIO(data), env, {"proto": "local", "user": "MAILER-DAEMON"},
-                   queue=queue if isinstance(queue, spool.Spool) else None)
+                   queue=queue)
 
