@@ -60,7 +60,7 @@ def test_masq_queue_killed_at_random_points_accepts_all_or_nothing(masq, tmp_pat
 FILL = """
 import io, sys
 from masq import config, envelope
-from masq.cmd.queue import enqueue
+from masq.handoff import enqueue
 conf = config.load(None)
 tag, count = sys.argv[1], int(sys.argv[2])
 for i in range(count):

@@ -462,7 +462,7 @@ def test_help_usage_and_configuration_errors(masq):
 
 def test_in_process_deliver(masq, monkeypatch):
     from masq import config
-    from masq.cmd import local as masq_local
+    from masq import local as masq_local
     conf = config.load(masq.conf)
     calls = []
 

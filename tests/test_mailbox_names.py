@@ -82,3 +82,13 @@ def test_background_delivery_after_sendmail_can_queue_a_bounce(masq):
     assert len(list(masq.maildir("bob"))) == 1
     [bounce] = list(masq.maildir("alice"))
     assert b"x@remote.example" in bounce.as_bytes()
+
+
+def test_issue7_smtpd_refuses_a_dot_lock_name_at_rcpt_when_masq_local_would(masq):
+    """masq-smtpd and masq-local share one mailbox-name rule: with mbox, NAME.lock is
+    the lock of the mbox NAME, refused in the dialogue rather than bounced later."""
+    masq.use_mailbox("mbox")
+    replies = smtpd(masq, ["MAIL FROM:<a@client.example>", "RCPT TO:<bob.lock@localhost>",
+                           "RCPT TO:<bob@localhost>"])
+    rcpt = [r for r in replies if r[:3] in ("250", "550")][-2:]
+    assert [r[:9] for r in rcpt] == ["550 5.1.1", "250 2.1.5"], replies

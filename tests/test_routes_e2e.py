@@ -6,6 +6,7 @@ masq-tcpserver.  Every server listens on loopback on a port picked here.
 """
 import email
 import email.policy
+import io
 import os
 import subprocess
 import threading
@@ -235,6 +236,17 @@ def test_local_and_remote_recipients_of_one_message_each_go_once(masq, sinks):
     assert len(list(masq.maildir("bob"))) == 1
 
 
+def test_issue7_from_condition_reads_the_address_not_a_quoted_display_name(masq, sinks):
+    """allowed_from_headers sees me@b.example in `"x <evil@a.example>" <me@b.example>`."""
+    sink = sinks()
+    plain_route(masq, sink.port, allowed_from_headers='["*@b.example"]')
+    message = (b'From: "x <evil@a.example>" <me@b.example>\nTo: bob@remote.example\n'
+               b"Subject: quoted\n\nbody\n")
+    enqueue(masq, message, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    assert sink.messages == 1 and masq.queue_ids() == [], masq.log()
+
+
 def test_a_route_that_cannot_work_defers_with_the_reason(masq, sinks):
     sink = sinks()
     secret = os.path.join(masq.dir, "isp.secret")
@@ -345,9 +357,9 @@ def test_two_masq_instances_by_mx_from_dnsmasq(masq, tmp_path, dns):  # noqa: F8
     (b"From: a@other.example\n", b"From: a@other.example\n"),
 ])
 def test_rewrite_headers(head, want):
-    from masq import route
+    from masq import headers, route
     table = {"rewrite_sender": {"*@laptop.example.org": "me@isp.example"}}
-    assert route.rewrite_headers(table, head) == want
+    assert route.rewrite_headers(table, headers.scan(io.BytesIO(head))) == want
 
 
 # -- masq-setup profiles ------------------------------------------------------------------

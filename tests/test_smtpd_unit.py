@@ -119,7 +119,7 @@ def test_command_refuses_bad_lines(line):
 def test_parse_ip_and_in_nets_agree_with_ipaddress(addr, length):
     import ipaddress
 
-    from masq.cmd.smtpd import in_nets, parse_ip
+    from masq.net import in_nets, parse_ip
     addr = ipaddress.ip_address(addr)
     text = addr.compressed if isinstance(addr, ipaddress.IPv4Address) or addr.ipv4_mapped \
         is None else f"::ffff:{addr.ipv4_mapped}"
@@ -136,5 +136,5 @@ def test_parse_ip_and_in_nets_agree_with_ipaddress(addr, length):
 @pytest.mark.parametrize("text", ["1.2.3", "1.2.3.256", "1::2::3", "1:2:3:4:5:6:7", "::g",
                                   "1.2.3.4.5", "12345::", "", "::1.2.3", "1:2:3:4:5:6:7:8:9"])
 def test_parse_ip_refuses(text):
-    from masq.cmd.smtpd import parse_ip
+    from masq.net import parse_ip
     assert parse_ip(text) is None

@@ -10,9 +10,8 @@ temporarily for queue.warn_after seconds.
 import os
 import time
 
-from masq import message
+from masq import headers, message
 
-MAX_HEADER_BYTES = 256 * 1024
 FAILED_TEXT = ("I'm sorry to have to inform you that your message could not",
                "be delivered to one or more recipients. The reasons follow.")
 DELAYED_TEXT = ("This is a warning only: your message could not be delivered yet",
@@ -87,11 +86,9 @@ def build(conf, msg, failed, qid, delayed=False):
 
 
 def original_headers(msg):
-    """The header section of the queued message (bounded)."""
+    """The header section of the queued message (headers.scan: bounded)."""
     with msg.open_data() as f:
-        data = f.read(MAX_HEADER_BYTES)
-    end = data.find(b"\n\n")
-    return data[:end + 1] if end >= 0 else data
+        return headers.scan(f).raw()
 
 
 def send(conf, queue, msg, failed, delayed=False):
@@ -101,7 +98,7 @@ def send(conf, queue, msg, failed, delayed=False):
     import io
 
     from masq import envelope
-    from masq.cmd.queue import enqueue
+    from masq.handoff import enqueue
     stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
     data = build(conf, msg, failed, stamp, delayed)
     env = envelope.Envelope("", [msg.sender])

@@ -41,11 +41,16 @@ class Section:
     `tail` is what follows the fields in the message up to the rest of the
     input: the empty line as it came (LF or CRLF), an added empty line plus
     the first body line, or nothing (the input ended inside the header).
+    `size` is the number of input bytes the fields took (the body, or the
+    empty line before it, starts there); `complete` is False when a lenient
+    read (scan) stopped at a malformed line or the size limit.
     """
 
-    def __init__(self, fields, tail):
+    def __init__(self, fields, tail, size=None, complete=True):
         self.fields = fields
         self.tail = tail
+        self.size = sum(len(raw) for _, raw in fields) if size is None else size
+        self.complete = complete
 
     def has(self, name):
         """True when a field of this (lower-case) name is present."""
@@ -61,50 +66,108 @@ class Section:
                 out.append(value.decode("utf-8", "surrogateescape").strip())
         return out
 
+    def address(self, name):
+        """The first address in the first field of this name, or "" (From:, Sender:)."""
+        for value in self.values(name):
+            try:
+                found = addresses(value)
+            except HeaderError:
+                continue
+            if found:
+                return found[0]
+        return ""
+
+    def raw(self):
+        """The fields as they came, without the empty line after them."""
+        return b"".join(raw for _, raw in self.fields)
+
     def encode(self, drop=()):
         """The section's bytes without the fields named in `drop`."""
         return b"".join(raw for n, raw in self.fields if n not in drop) + self.tail
 
 
-def read(readline, limit=MAX_HEADER_BYTES):
+def read(readline, limit=MAX_HEADER_BYTES, strict=True):
     """Read a header section with `readline(n)`; return a Section.
 
     `readline` returns one line (or the first n bytes of it), b"" at the end.
-    Raise HeaderError when the section is malformed or longer than `limit`.
+    Raise HeaderError when the section is malformed or longer than `limit`;
+    with strict=False the section ends there instead (Section.complete is
+    False), for the readers of a message that was accepted already.
     """
     fields, total, number = [], 0, 0
+
+    def failed(text):
+        if strict:
+            raise HeaderError(text)
+        return Section(fields, b"", complete=False)
+
     while True:
         line = readline(MAX_LINE_BYTES)
         number += 1
+        if total + len(line) > limit:
+            return failed(f"the header section is larger than {limit} bytes")
         total += len(line)
-        if total > limit:
-            raise HeaderError(f"the header section is larger than {limit} bytes")
         if not line:
-            return Section(fields, b"")
+            return Section(fields, b"", total)
         if line == b"\n" or line == b"\r\n":
-            return Section(fields, line)
+            return Section(fields, line, total - len(line))
         if b"\0" in line:
-            raise HeaderError(f"the header section is malformed at line {number}: NUL byte")
+            return failed(f"the header section is malformed at line {number}: NUL byte")
         if line[0] in b" \t":
             if not fields:
-                raise HeaderError(f"the header section is malformed at line {number}: "
-                                  "a continuation line with no field before it")
+                return failed(f"the header section is malformed at line {number}: "
+                              "a continuation line with no field before it")
             fields[-1][1] += line
             continue
-        name = field_name(line, number)
+        try:
+            name = field_name(line, number)
+        except HeaderError as e:
+            return failed(str(e))
         if name is None:
-            return Section(fields, b"\n" + line)
+            return Section(fields, b"\n" + line, total - len(line))
         fields.append([name, line])
         if not line.endswith(b"\n"):
             # a line longer than MAX_LINE_BYTES: the rest belongs to this field
             while not fields[-1][1].endswith(b"\n"):
                 more = readline(MAX_LINE_BYTES)
+                if total + len(more) > limit:
+                    return failed(f"the header section is larger than {limit} bytes")
                 total += len(more)
-                if total > limit:
-                    raise HeaderError(f"the header section is larger than {limit} bytes")
                 if not more:
                     break
                 fields[-1][1] += more
+
+
+def scan(stream, limit=MAX_HEADER_BYTES):
+    """The header section at the start of a queued message, as far as it parses.
+
+    The one reader for every program that looks at a message accepted
+    already (routes' From: conditions, the Delivered-To loop check,
+    bounces, sender rewriting, the SMTP client's SMTPUTF8 check): it never
+    raises on the message's bytes.  `stream` needs readline(n) or read(n).
+    """
+    readline = getattr(stream, "readline", None)
+    if readline is None:
+        readline = _Lines(stream).readline
+    return read(readline, limit, strict=False)
+
+
+class _Lines:
+    """readline(n) over a stream that only has read(n)."""
+
+    def __init__(self, stream):
+        self.stream, self.buffer = stream, b""
+
+    def readline(self, limit):
+        while b"\n" not in self.buffer[:limit] and len(self.buffer) < limit:
+            chunk = self.stream.read(65536)
+            if not chunk:
+                break
+            self.buffer += chunk
+        end = self.buffer.find(b"\n", 0, limit)
+        end = min(limit, len(self.buffer)) if end < 0 else end + 1
+        line, self.buffer = self.buffer[:end], self.buffer[end:]
+        return line
 
 
 def field_name(line, number=0):

@@ -23,6 +23,7 @@ import os
 import time
 
 from masq import Error
+from masq.outcome import one_line
 
 FILE = "hoststat.db"
 BUSY_TIMEOUT_SECONDS = 10       # another masq-send writing: wait, then give up
@@ -95,8 +96,8 @@ class HostStat:
         failures = (old.failures if old and old.status == "down" else 0) + 1 \
             if status == "down" else 0
         self._do("INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?)",
-                 (route, host, status, failures, now, _one_line(text)))
-        return Host(route, host, status, failures, now, _one_line(text))
+                 (route, host, status, failures, now, one_line(text)))
+        return Host(route, host, status, failures, now, one_line(text))
 
     def get(self, route, host):
         """The Host for this destination, or None."""
@@ -140,7 +141,3 @@ def describe(hosts):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.updated))
         lines.append(f"{h.route:<12} {h.host:<28} {status:<8} {when:<20} {h.text}\n")
     return lines
-
-
-def _one_line(text):
-    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())

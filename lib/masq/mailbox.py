@@ -15,17 +15,19 @@ mbox     mboxrd: a `From sender date` line, every line matching ^>*From_
          PID is dead or it is older than STALE_LOCK_SECONDS) and
          fcntl.lockf, each retried for LOCK_WAIT_SECONDS.  On
          any failure the file is cut back to its old length.
-program  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
+command  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          alias), message on stdin, stdout and stderr kept for the reason:
-         exit 0 delivered, 75 or a signal or a failed exec or the timeout
-         temporary, any other code permanent.
+         exit 0 delivered; a temporary code of masq.program's table (75,
+         111, 70-74, 78), a signal, a failed exec or the timeout temporary;
+         any other code permanent.
 """
 import errno
 import io
 import os
 import time
 
-from masq import Error
+from masq import child, program
+from masq.outcome import DeliveryError
 from masq.spool import fsync_dir
 
 COPY_BYTES = 65536
@@ -33,19 +35,7 @@ LOCK_WAIT_SECONDS = 60          # then give up and let the queue retry
 STALE_LOCK_SECONDS = 600        # a dot-lock this old is a crashed writer's
 MAX_LOCK_BYTES = 32             # a dot-lock holds a PID line; anything bigger is no lock
 EMPTY_LOCK_SECONDS = 5          # a dot-lock still without a PID this long: its writer died
-MAX_REASON_CHARS = 300
-EX_TEMPFAIL = 75
 _counter = 0                    # deliveries by this process (maildir Q field)
-
-
-class DeliveryError(Error):
-    """A delivery that failed; `temporary` says whether to retry."""
-
-    code = 111
-    temporary = True
-
-    def __init__(self, message, temporary=True):
-        super().__init__(message, code=111 if temporary else 100, temporary=temporary)
 
 
 def maildir(folder, head, stream):
@@ -148,7 +138,7 @@ def _append(fd, path, head, stream, sender):
         from_line = f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n"
         out = _Writer(fd)
         out.write(pad + from_line.encode("utf-8", "surrogateescape"))
-        _quote_into(_Chain(head, stream), out)
+        _quote_into(child.Chain(head, stream), out)
         out.write(b"\n" if out.last == b"\n" else b"\n\n")
         out.flush()
         os.fsync(fd)
@@ -253,106 +243,26 @@ def _lock(fd, path):
         pause = min(pause * 2, 1.0)
 
 
-def program(argv, head, stream, env, cwd=None, timeout=3600, name=None):
+def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):
     """Run a delivery program with the message on stdin; return 'program NAME'."""
     import subprocess
     import tempfile
     name = name or os.path.basename(argv[0])
     with tempfile.TemporaryFile() as output:
         try:
-            child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=output,
-                                     stderr=output, env=env, cwd=cwd,
-                                     start_new_session=True)
+            status = child.run(argv, child.Chain(head, stream), time.monotonic() + timeout,
+                               stdout=output, stderr=output, env=env, cwd=cwd)
         except OSError as e:
             raise DeliveryError(f"unable to run {argv[0]}: {e.strerror}") from None
-        deadline = time.monotonic() + timeout
-        try:
-            feed(child, _Chain(head, stream), deadline)
-            status = child.wait(max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            kill(child)
             raise DeliveryError(f"{name} timed out after {timeout} seconds") from None
-        except BaseException:
-            kill(child)
-            raise
         if status == 0:
             return f"program {name}"
-        reason = _last_line(output) or f"{name} exited with status {status}"
+        temporary, what = program.classify(status, unknown_temporary=False)
+        reason = child.last_line(output) or f"{name} exited with status {status}"
         if status < 0:
-            raise DeliveryError(f"{name} killed by signal {-status}: {reason}")
-        raise DeliveryError(reason, temporary=status == EX_TEMPFAIL)
-
-
-def feed(child, reader, deadline):
-    """Write the message to the child's stdin, never past the deadline."""
-    import selectors
-    import subprocess
-    pipe = child.stdin
-    fd = pipe.fileno()
-    os.set_blocking(fd, False)
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_WRITE)
-        try:
-            while chunk := reader.read(COPY_BYTES):
-                view = memoryview(chunk)
-                while view:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not sel.select(left):
-                        raise subprocess.TimeoutExpired(child.args, 0)
-                    try:
-                        view = view[os.write(fd, view):]
-                    except BlockingIOError:
-                        continue
-        except BrokenPipeError:
-            pass            # the program stopped reading: its status decides
-        finally:
-            try:
-                pipe.close()
-            except OSError:
-                pass
-
-
-def kill(child):
-    """Kill a program and everything it started, and reap it."""
-    import signal
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    child.wait()
-
-
-def _last_line(output):
-    """The last non-empty line a program wrote, printable and short."""
-    size = output.seek(0, os.SEEK_END)
-    output.seek(max(size - 4096, 0))
-    lines = [line.strip() for line in output.read().split(b"\n") if line.strip()]
-    if not lines:
-        return ""
-    text = lines[-1].decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text[:MAX_REASON_CHARS]
-
-
-class _Chain:
-    """`head` then a stream, as one binary reader with read and readline."""
-
-    def __init__(self, head, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, size=COPY_BYTES):
-        if self.head:
-            chunk, self.head = self.head[:size], self.head[size:]
-            return chunk
-        return self.stream.read(size)
-
-    def readline(self, size=COPY_BYTES):
-        if self.head:
-            end = self.head.find(b"\n", 0, size)
-            end = size if end < 0 else end + 1
-            line, self.head = self.head[:end], self.head[end:]
-            return line
-        return self.stream.readline(size)
+            reason = f"{name} {what}: {reason}"
+        raise DeliveryError(reason, temporary=temporary)
 
 
 class _Writer:

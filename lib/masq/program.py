@@ -35,10 +35,11 @@ class Exit:
     CONFIG = 78
 
 
-# sysexits codes after which trying again can help; every other code from
-# 64 to 78 is permanent.  Unknown codes and signals are temporary: retrying is
-# safe, bouncing is not.
-_TEMPORARY_SYSEXITS = {70, 71, 72, 73, 74, 75, 78}
+# The one table of exit statuses after which trying again can help: the
+# sysexits(3) codes for a passing trouble and qmail's 111.  Every other code
+# from 64 to 78, and 100, is permanent.  A signal is temporary; so is an
+# unknown code from a chain program (retrying is safe, bouncing is not).
+TEMPORARY_EXIT_CODES = frozenset({70, 71, 72, 73, 74, 75, 78, Exit.TEMPORARY})
 _SYSEXITS_TEXT = {
     64: "command line usage error", 65: "data format error",
     66: "cannot open input", 67: "addressee unknown", 68: "host name unknown",
@@ -50,11 +51,13 @@ _SYSEXITS_TEXT = {
 }
 
 
-def classify(status):
+def classify(status, unknown_temporary=True):
     """Turn a wait status code (as subprocess gives it) into (temporary, text).
 
     `temporary` is None for success, True when retrying can help, False when
-    it cannot.  Negative values are deaths by signal.
+    it cannot.  Negative values are deaths by signal.  A code in no table
+    (1, 2, ...) is temporary for a chain program; an MDA or a filter says
+    `unknown_temporary=False`: procmail, maildrop and spamc mean such codes.
     """
     if status == 0:
         return None, "success"
@@ -65,8 +68,8 @@ def classify(status):
     if status == Exit.TEMPORARY:
         return True, "temporary failure"
     if status in _SYSEXITS_TEXT:
-        return status in _TEMPORARY_SYSEXITS, _SYSEXITS_TEXT[status]
-    return True, f"unexpected exit status {status}"
+        return status in TEMPORARY_EXIT_CODES, _SYSEXITS_TEXT[status]
+    return unknown_temporary, f"exit status {status}"
 
 
 def name():

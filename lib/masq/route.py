@@ -149,28 +149,17 @@ def rewrite(table, addr):
     return addr
 
 
-REWRITTEN_HEADERS = (b"from", b"sender", b"reply-to")
+REWRITTEN_HEADERS = ("from", "sender", "reply-to")
 
 
-def rewrite_headers(table, head):
-    """A header section (bytes, LF) with rewrite_sender applied to From:, Sender:
-    and Reply-To:; every other byte stays as it was."""
+def rewrite_headers(table, section):
+    """The fields of a header section (masq.headers.Section) as bytes, with
+    rewrite_sender applied to From:, Sender: and Reply-To:; every other byte
+    stays as it was."""
     if not table.get("rewrite_sender"):
-        return head
-    out, field = [], []
-
-    def flush():
-        if field:
-            raw = b"".join(field)
-            name = raw.partition(b":")[0].strip().lower()
-            out.append(_rewrite_field(table, raw) if name in REWRITTEN_HEADERS else raw)
-            field.clear()
-    for line in head.splitlines(keepends=True):
-        if line[:1] not in (b" ", b"\t"):
-            flush()
-        field.append(line)
-    flush()
-    return b"".join(out)
+        return section.raw()
+    return b"".join(_rewrite_field(table, raw) if name in REWRITTEN_HEADERS else raw
+                    for name, raw in section.fields)
 
 
 def _rewrite_field(table, raw):

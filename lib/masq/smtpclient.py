@@ -37,7 +37,8 @@ socket, ssl and dnspython are imported only when a connection is made.
 """
 import os
 
-from masq import Error
+from masq import Error, headers
+from masq.outcome import DeliveryError, one_line
 
 PROTOCOLS = ("smtp", "lmtp")
 TLS_MODES = ("starttls", "tls", "none", "may")
@@ -48,23 +49,10 @@ MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")     # our preference, best first
 MAX_REPLY_LINE_BYTES = 4096
 MAX_REPLY_LINES = 200
 WRITE_CHUNK_BYTES = 65536
-ADDRESS_HEADERS = (b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc",
-                   b"resent-from", b"resent-sender", b"resent-to", b"resent-cc",
-                   b"resent-bcc", b"return-path", b"disposition-notification-to")
-MAX_HEADER_SCAN_BYTES = 1 << 20
+ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc",
+                   "resent-from", "resent-sender", "resent-to", "resent-cc",
+                   "resent-bcc", "return-path", "disposition-notification-to")
 MAX_MEMORY_COPY_BYTES = 1 << 20     # a message from a pipe larger than this goes to disk
-
-
-class DeliveryError(Error):
-    """A failure that applies to every recipient: letter "Z" or "D" and its text."""
-
-    code = 111
-
-    def __init__(self, text, permanent=False):
-        super().__init__(_one_line(text), code=100 if permanent else 111,
-                         temporary=not permanent)
-        self.letter = "D" if permanent else "Z"
-        self.text = _one_line(text)
 
 
 class _TLSFailed(DeliveryError):
@@ -161,13 +149,6 @@ def _read_secret(path):
     return line.rstrip(b"\r\n")
 
 
-def _one_line(text):
-    """Text with control characters (CR, LF, NUL...) made into spaces."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
-
-
 class Reply:
     """An SMTP reply: code (int) and its lines' text (str)."""
 
@@ -176,7 +157,7 @@ class Reply:
 
     @property
     def text(self):
-        return _one_line(f"{self.code} " + " ".join(self.lines))
+        return one_line(f"{self.code} " + " ".join(self.lines))
 
     @property
     def letter(self):
@@ -201,23 +182,16 @@ class Message:
         self._scan()
 
     def _scan(self):
-        """One pass: size, 8-bit bytes, non-ASCII in address headers."""
+        """Size and 8-bit bytes in one pass; non-ASCII in address headers."""
         self.file.seek(self.start)
-        head = b""
-        in_headers = True
+        section = headers.scan(self.file)
+        self.utf8_addresses = any(name in ADDRESS_HEADERS and not raw.isascii()
+                                  for name, raw in section.fields)
+        self.file.seek(self.start)
         while chunk := self.file.read(WRITE_CHUNK_BYTES):
             self.size += len(chunk) + chunk.count(b"\n")
             if not self.eightbit and not chunk.isascii():
                 self.eightbit = True
-            if in_headers:
-                head += chunk
-                end = head.find(b"\n\n")
-                if head.startswith(b"\n"):
-                    end = 0
-                if end >= 0 or len(head) > MAX_HEADER_SCAN_BYTES:
-                    head, in_headers = head[:end if end >= 0 else None], False
-        if not head.isascii():
-            self.utf8_addresses = _utf8_in_address_headers(head)
 
     def chunks(self):
         """The message as CRLF lines, dot-stuffed, ending with CRLF.CRLF."""
@@ -248,21 +222,6 @@ def _copy(stream):
             spill.flush()
             return spill
     return copy
-
-
-def _utf8_in_address_headers(head):
-    """True when a header naming addresses holds non-ASCII (RFC 6532)."""
-    current = None
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):
-            if current in ADDRESS_HEADERS and not line.isascii():
-                return True
-            continue
-        name, colon, _ = line.partition(b":")
-        current = name.strip().lower() if colon else None
-        if current in ADDRESS_HEADERS and not line.isascii():
-            return True
-    return False
 
 
 class Connection:
@@ -322,7 +281,7 @@ class Connection:
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-") \
                     or (code is not None and int(line[:3]) != code):
                 raise DeliveryError(f"{self.peer}: malformed reply {what}: "
-                                    f"{_one_line(line[:200])}")
+                                    f"{one_line(line[:200])}")
             code = int(line[:3])
             lines.append(line[4:].decode("utf-8", "replace"))
             if line[3:4] != b"-":
@@ -342,7 +301,7 @@ class Connection:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except ssl.SSLCertVerificationError as e:
             raise _TLSFailed(f"{self.peer}: TLS certificate not trusted: "
-                             f"{e.verify_message or e.reason}", permanent=False) from None
+                             f"{e.verify_message or e.reason}", temporary=True) from None
         except (ssl.SSLError, OSError) as e:
             raise _TLSFailed(f"{self.peer}: TLS handshake failed: {self._why(e)}") from None
         self.tls = True
@@ -379,7 +338,7 @@ class Connection:
             lines = [ln for ln in self.errfile.read()[-2000:].splitlines() if ln.strip()]
         except OSError:
             return ""
-        return f" (wrapper said: {_one_line(lines[-1])})" if lines else ""
+        return f" (wrapper said: {one_line(lines[-1])})" if lines else ""
 
 
 def _tcp(address, port, peer, timeout):
@@ -459,7 +418,7 @@ class Session:
         greeting = self.conn.reply(self.timeouts["greeting_timeout"], "to the greeting")
         if greeting.code // 100 != 2:
             raise DeliveryError(f"{self.peer} refused to talk to me: {greeting.text}",
-                                permanent=greeting.code // 100 == 5)
+                                temporary=greeting.code // 100 != 5)
         self.hello()
         if route.tls in ("starttls", "may") and not self.conn.tls:
             if "STARTTLS" in self.extensions:
@@ -470,7 +429,7 @@ class Session:
                     self.hello()
                 elif route.tls == "starttls":
                     raise DeliveryError(f"{self.peer} refused STARTTLS: {reply.text}",
-                                        permanent=False)
+                                        temporary=True)
             elif route.tls == "starttls":
                 raise DeliveryError(f"{self.peer} does not offer STARTTLS, "
                                     f"which {route.label} requires (tls = \"starttls\")")
@@ -496,7 +455,7 @@ class Session:
                 self.extensions[word.upper()] = params.strip()
         if reply.code // 100 != 2:
             raise DeliveryError(f"{self.peer} refused my greeting: {reply.text}",
-                                permanent=reply.code // 100 == 5)
+                                temporary=reply.code // 100 != 5)
 
     def authenticate(self):
         """AUTH with the best mechanism both sides know (RFC 4954)."""
@@ -670,7 +629,7 @@ class Session:
 
     @staticmethod
     def _all(recipients, letter, text):
-        return [(letter, _one_line(text))] * len(recipients)
+        return [(letter, one_line(text))] * len(recipients)
 
     def close(self):
         """QUIT (if still talking) and close."""
@@ -792,11 +751,11 @@ def _connect_mx(conf, route, domain):
     """Try the MX hosts of `domain` in order (RFC 5321 section 5.1)."""
     from masq import mx
     if not domain:
-        raise DeliveryError("no domain to look up MX for", permanent=True)
+        raise DeliveryError("no domain to look up MX for", temporary=False)
     try:
         hosts = mx.lookup(domain, conf.get("dns_servers"))
     except mx.MXError as e:
-        raise DeliveryError(str(e), permanent=not e.temporary) from None
+        raise DeliveryError(str(e), temporary=e.temporary) from None
     mine = my_networks(conf)
     usable = []
     for host in hosts:
@@ -807,7 +766,7 @@ def _connect_mx(conf, route, domain):
             break
         usable.append(host)
     if not usable:
-        raise DeliveryError(f"mail for {domain} loops back to myself", permanent=True)
+        raise DeliveryError(f"mail for {domain} loops back to myself", temporary=False)
     last = None
     for host in usable:
         if not host.addresses:
@@ -817,7 +776,7 @@ def _connect_mx(conf, route, domain):
             return _open_host(route, host.name, route.port, host.addresses)
         except DeliveryError as e:
             last = e
-    raise DeliveryError(last.text, permanent=last.letter == "D")
+    raise DeliveryError(last.text, temporary=last.temporary)
 
 
 def my_networks(conf):

@@ -232,7 +232,7 @@ def submit(conf, opts):
     env = Envelope(sender, recipients)
     trace = {"proto": "local", "user": login}
     stream = Body(head, source)
-    from masq.cmd.queue import HookError, submit
+    from masq.handoff import HookError, submit
     queue = _queue(conf.path("spool"))
     try:
         qid = submit(conf, stream, env, trace, queue=queue)

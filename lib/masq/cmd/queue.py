@@ -21,16 +21,12 @@ MASQ_CLIENT_NAME, MASQ_HELO, MASQ_AUTH, MASQ_USER and MASQ_FOR.  Exit 0 only onc
 message is durable.  Exit codes: masq-queue(8).
 """
 import os
+import pwd
 import sys
 import time
 
-from masq import Error, program
+from masq import Error, config, envelope, handoff, log, program, spool
 from masq.program import Exit
-
-TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
-             "client_name": "MASQ_CLIENT_NAME", "helo": "MASQ_HELO",
-             "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR"}
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -41,7 +37,6 @@ def main(argv=None):
     if args["-C"] is None and not any(args[c] for c in (
             "list", "show", "remove", "hold", "release", "check")):
         return enqueue_from_fds(None)
-    from masq import config, spool
     conf = config.load(args["-C"])
     queue = spool.Spool(conf.path("spool"))
     if args["list"]:
@@ -63,113 +58,16 @@ def main(argv=None):
 
 def enqueue_from_fds(conf_file):
     """The chain's job: message on fd 0, envelope on fd 1, then durable."""
-    from masq import config, envelope
     conf = config.load(conf_file)
-    trace = {word: os.environ[var] for word, var in TRACE_ENV.items() if os.environ.get(var)}
+    trace = {word: os.environ[var] for word, var in handoff.TRACE_ENV.items()
+             if os.environ.get(var)}
     with open(0, "rb", buffering=0, closefd=False) as stream:
-        enqueue(conf, stream, lambda: envelope.read(1), trace)
+        handoff.enqueue(conf, stream, lambda: envelope.read(1), trace)
     return Exit.OK
-
-
-def enqueue(conf, stream, env, trace, queue=None):
-    """Write one message under its Received line; return the queue id.
-
-    `env` is the Envelope, or a function that reads it once the message has
-    been read (the descriptor order of qmail-queue).
-    """
-    from masq import log, message, spool
-    queue = queue or spool.Spool(conf.path("spool"))
-    with queue.new_message(conf.get("max_size")) as new:
-        received = message.received(new.id, conf.hostname, trace)
-        new.uncounted = len(received)       # max_size is for what the sender sent
-        new.write(received)
-        new.copy_from(stream)
-        if callable(env):
-            env = env()
-        archive = conf.get("queue.archive_bcc")
-        if archive and archive not in env.recipients:
-            env.recipients.append(archive)      # a copy of every message
-        qid = new.commit(env, trace)
-    if not log.ready():
-        log.setup(conf)
-    log.event(qid, None, **{"from": f"<{env.sender}>"}, size=new.size,
-              nrcpt=len(env.recipients), proto=trace.get("proto"),
-              client=trace.get("client") or trace.get("user"), auth=trace.get("auth"))
-    queue.trigger()
-    return qid
-
-
-HOOK_TIMEOUT_SECONDS = 86400    # a $MASQ_QUEUE stuck this long is killed (qmail-queue's DEATH)
-
-
-class HookError(Error):
-    """$MASQ_QUEUE did not take the message; `status` is its exit status (None: never ran)."""
-
-    def __init__(self, message, status=None, temporary=True):
-        super().__init__(message, code=Exit.TEMPFAIL if temporary else Exit.DATAERR,
-                         temporary=temporary)
-        self.status = status
-
-
-def submit(conf, stream, env, trace, queue=None, timeout=HOOK_TIMEOUT_SECONDS):
-    """Queue one message: in-process, or through $MASQ_QUEUE when it is set.
-
-    Returns the queue id (None from a $MASQ_QUEUE program, which tells none).
-    Every program that hands messages to masq-queue goes through here.
-    """
-    path = os.environ.get("MASQ_QUEUE")
-    if not path:
-        return enqueue(conf, stream, env, trace, queue=queue)
-    run_hook(path, stream, env, trace, timeout)
-    return None
-
-
-def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
-    """Run $MASQ_QUEUE as masq-queue runs: message on fd 0, envelope on fd 1, trace in MASQ_*.
-
-    The envelope waits in a temporary file, so the program may read it when
-    it likes; the message is fed within the timeout.  Raises HookError unless
-    the program exits 0.
-    """
-    import subprocess
-    import tempfile
-
-    from masq import mailbox
-    environ = dict(os.environ)
-    for word, var in TRACE_ENV.items():
-        environ.pop(var, None)
-        if trace.get(word):
-            environ[var] = trace[word]
-    with tempfile.TemporaryFile() as envelope:
-        envelope.write(env.encode())
-        envelope.flush()
-        envelope.seek(0)
-        try:
-            child = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=envelope,
-                                     env=environ, start_new_session=True)
-        except OSError as e:
-            raise HookError(f"unable to run MASQ_QUEUE={path}: {e.strerror}") from None
-        deadline = time.monotonic() + timeout
-        try:
-            mailbox.feed(child, stream, deadline)
-            while stream.read(65536):       # it stopped reading: the rest is not its
-                pass
-            status = child.wait(max(deadline - time.monotonic(), 0))
-        except subprocess.TimeoutExpired:
-            mailbox.kill(child)
-            raise HookError(f"MASQ_QUEUE={path} took longer than {timeout:g} s") from None
-        except BaseException:
-            mailbox.kill(child)
-            raise
-    if status != 0:
-        temporary, text = program.classify(status)
-        raise HookError(f"MASQ_QUEUE={path} refused the message: {text}", status=status,
-                        temporary=temporary)
 
 
 def describe(queue):
     """What mailq prints: one block per message."""
-    from masq import spool
     lines, count = [], 0
     for stage in spool.STAGES:
         for qid in queue.ids(stage):
@@ -216,7 +114,6 @@ def show(queue, qid):
 
 def change(conf, queue, args):
     """remove, hold, release: each ID in turn; the exit code says if any failed."""
-    from masq import log
     log.setup(conf)
     status = Exit.OK
     for qid in args["ID"]:
@@ -243,7 +140,6 @@ def change(conf, queue, args):
 
 
 def _who():
-    import pwd
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:

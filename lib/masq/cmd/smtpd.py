@@ -20,7 +20,7 @@ masq.toml(5).  Exit codes: masq-smtpd(8).
 import os
 import sys
 
-from masq import Error, program, smtp
+from masq import Error, net, program, smtp
 from masq.program import Exit
 
 # [smtpd] keys and their defaults (masq.toml(5))
@@ -40,7 +40,6 @@ SETTINGS = {
 AUTH_FAILURE_DELAY_SECONDS = 1  # slows a password guesser down (also counts as an error)
 TLS_MIN_VERSION = "TLSv1_2"
 ROUTING_CHARACTERS = "%!@"      # sender-specified routing in a local part
-NOT_MAILBOX_STARTS = ("|", "/", ":", "\\", "-", ".")     # alias-file syntax, options, dot files
 HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
@@ -85,8 +84,8 @@ def preload(argv=()):
     import pwd  # noqa: F401
     import select  # noqa: F401
 
-    from masq import address, config, envelope, log, message, spool  # noqa: F401
-    from masq.cmd import queue  # noqa: F401
+    from masq import address, aliases, config, envelope, local, log, message, spool  # noqa: F401
+    from masq import handoff  # noqa: F401
     global _preloaded
     conf_file = argv[1] if len(argv) == 2 and argv[0] == "-C" else None
     try:
@@ -173,12 +172,12 @@ def read_settings(conf):
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{conf.file}: smtpd.{key} must be a {type(default).__name__}")
         settings[key] = value
-    for net in settings["relay_nets"]:
-        base, _, length = str(net).partition("/")
-        address = parse_ip(base)
+    for network in settings["relay_nets"]:
+        base, _, length = str(network).partition("/")
+        address = net.parse_ip(base)
         if (address is None or (length and not (length.isdigit() and length.isascii()))
                 or int(length or 0) > (32 if address[0] == 4 else 128)):
-            raise ConfigError(f"{conf.file}: smtpd.relay_nets: {net!r} is not an address "
+            raise ConfigError(f"{conf.file}: smtpd.relay_nets: {network!r} is not an address "
                               "or address/length")
     if settings["pregreet"] not in ("reject", "ignore"):
         raise ConfigError(f'{conf.file}: smtpd.pregreet must be "reject" or "ignore"')
@@ -213,12 +212,13 @@ class Session:
         self.client_ip, local = client_address(environ.get("TCPREMOTEIP"))
         self.user = local_user() if local else None
         self.trusted = (local or self.relayclient is not None
-                        or in_nets(self.client_ip, settings["relay_nets"]))
+                        or net.in_nets(self.client_ip, settings["relay_nets"]))
         self.tls = None             # the ssl.SSLSocket after STARTTLS
         self.tls_files = tls_files(conf, settings)
         self.starttls_offered = self.tls_files is not None and stdio_is_one_socket()
         self.auth_user = None
         self.auth_ready = None      # the password file is usable (checked once)
+        self.aliases = None         # read at the first RCPT for a local domain
         self.reset()
 
     def reset(self):
@@ -405,8 +405,7 @@ class Session:
         if domain in self.conf.local_domains or domain in self.relay_domains():
             if not may_relay and any(c in local for c in ROUTING_CHARACTERS):
                 return smtp.RELAY_DENIED.format(path)
-            if domain in self.conf.local_domains and (
-                    not_a_mailbox(local) or not self.known_user(local)):
+            if domain in self.conf.local_domains and self.local_problem(local):
                 return smtp.UNKNOWN_USER.format(path)
         elif not may_relay:
             return smtp.RELAY_DENIED.format(path)
@@ -416,25 +415,24 @@ class Session:
     def relay_domains(self):
         return [d.lower() for d in self.conf.get("relay_domains") or []]
 
-    def known_user(self, local):
-        """users = "system": an alias or a passwd entry; "any": everyone."""
-        if self.conf.get("local.users") != "system":
-            return True
-        name = _unquote(local).lower()
-        delimiter = self.conf.get("local.recipient_delimiter")
-        names = [name]
-        if delimiter and delimiter in name[1:]:      # user+detail, as masq-local reads it
-            names.append(name[:name.index(delimiter, 1)])
-        import pwd
-        for name in names:
-            if name == "postmaster" or _is_alias(self.conf, name):
-                return True
+    def local_problem(self, local_part):
+        """Why masq-local would refuse this local part at once (its own rule), or "".
+
+        postmaster is always accepted (RFC 5321 section 4.5.1).  An aliases
+        file that cannot be read is a temporary failure (451), never a
+        reason to call a user unknown.
+        """
+        from masq import address, local
+        if address.unquote_local(local_part).lower() == "postmaster":
+            return ""
+        if self.aliases is None:
             try:
-                pwd.getpwnam(name)
-                return True
-            except KeyError:
-                continue
-        return False
+                self.aliases = local.load_aliases(self.conf)
+            except Error as e:
+                from masq import log
+                log.warn(f"unable to read the aliases: {e}")
+                raise smtp.ProtocolError(smtp.ALIASES_UNAVAILABLE) from None
+        return local.recipient_problem(self.conf, self.aliases, local_part)
 
     def smtp_DATA(self, arg):
         if arg:
@@ -502,7 +500,7 @@ class Session:
         """Hand the message to masq-queue (in-process) or to $MASQ_QUEUE."""
         from masq.envelope import Envelope
         env = Envelope(self.sender, self.rcpts)
-        from masq.cmd.queue import submit
+        from masq.handoff import submit
         return submit(self.conf, stream, env, self.trace())
 
     def trace(self):
@@ -801,89 +799,9 @@ def client_address(ip):
     return "", True                 # a Unix socket: someone on this host
 
 
-def in_nets(ip, nets):
-    """True when the client's IP is inside one of the networks (CIDR strings).
-
-    Parsed here, not with ipaddress: importing it costs a quarter of a
-    masq-smtpd start under tcpserver.
-    """
-    addr = parse_ip(ip.removeprefix("IPv6:")) if ip else None
-    if addr is None:
-        return False
-    for net in nets:
-        base, _, length = str(net).partition("/")
-        network = parse_ip(base)
-        if network is None or (length and not length.isdigit()):
-            continue
-        bits = 32 if network[0] == 4 else 128
-        length = int(length) if length else bits
-        if network[0] != addr[0] or length > bits:
-            continue
-        shift = bits - length
-        if network[1] >> shift == addr[1] >> shift:
-            return True
-    return False
-
-
-def parse_ip(text):
-    """(4 or 6, integer) of an IP address; an IPv4-mapped IPv6 address is IPv4."""
-    if ":" not in text:
-        parts = text.split(".")
-        if len(parts) != 4 or not all(p.isdigit() and p.isascii() and len(p) <= 3
-                                      and int(p) < 256 for p in parts):
-            return None
-        return 4, int.from_bytes(bytes(int(p) for p in parts), "big")
-    head, double, tail = text.partition("::")
-    groups = [[g for g in side.split(":")] if side else [] for side in (head, tail)]
-    if groups[1] and "." in groups[1][-1] or not double and groups[0] and "." in groups[0][-1]:
-        side = groups[1] if groups[1] else groups[0]
-        v4 = parse_ip(side.pop())
-        if v4 is None or v4[0] != 4:
-            return None
-        side += [f"{v4[1] >> 16:x}", f"{v4[1] & 0xffff:x}"]
-    count = len(groups[0]) + len(groups[1])
-    if "::" in tail or (double and count > 7) or (not double and count != 8):
-        return None
-    words = groups[0] + ["0"] * (8 - count) + groups[1]
-    value = 0
-    for word in words:
-        if not (1 <= len(word) <= 4) or not all(c in "0123456789abcdefABCDEF" for c in word):
-            return None
-        value = value << 16 | int(word, 16)
-    if value >> 32 == 0xffff:
-        return 4, value & 0xffffffff
-    return 6, value
-
-
 def local_user():
     import pwd
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
-
-
-def not_a_mailbox(local):
-    """True for a local part that only an aliases file may use (|cmd, /file, ...)."""
-    name = _unquote(local)
-    return name.startswith(NOT_MAILBOX_STARTS) or "/" in name
-
-
-def _unquote(local):
-    from masq import address
-    return address.unquote_local(local)
-
-
-def _is_alias(conf, name):
-    """True when the aliases file has an entry for `name`.
-
-    An aliases file that cannot be read is a temporary failure (451), never
-    a reason to call a user unknown.
-    """
-    from masq import aliases
-    try:
-        return name in aliases.load(conf.path("aliases"), conf.local_domains)
-    except Error as e:
-        from masq import log
-        log.warn(f"unable to read the aliases: {e}")
-        raise smtp.ProtocolError(smtp.ALIASES_UNAVAILABLE) from None
