@@ -33,7 +33,7 @@ walk to MAX_STEPS.  AliasError says why an expansion failed; its
 """
 import os
 
-from masq import Error
+from masq import Error, address
 
 MAX_DEPTH = 20              # alias-in-alias or include-in-include nesting
 MAX_STEPS = 100000          # targets visited in one expansion (diamond graphs)
@@ -200,7 +200,6 @@ def _check_target(aliases, target, depth):
         return [] if target.strip("/") else [f"{target}: not a file or folder"]
     if what == "include":
         return _check_include(aliases, target, depth)
-    from masq import address
     body = target[1:] if target.startswith("\\") else target
     try:
         if what == "remote" or "@" in body:
@@ -345,5 +344,4 @@ def _unquote(item):
 
 def _local_name(name):
     """A local name as mailboxes use it: unquoted and lower-cased."""
-    from masq import address
     return address.unquote_local(name.strip()).lower()

@@ -103,7 +103,7 @@ def _read(path):
             return data
     except (OSError, EOFError, ValueError, TypeError):
         pass
-    import tomllib
+    import tomllib      # only when the marshal cache is stale: it costs a few ms
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -76,7 +76,7 @@ def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
     it likes; the message is fed within the timeout.  Raises HookError unless
     the program exits 0.
     """
-    import subprocess
+    import subprocess   # as in masq.child: only a $MASQ_QUEUE hook pays for these
     import tempfile
     environ = dict(os.environ)
     for word, var in TRACE_ENV.items():

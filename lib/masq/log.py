@@ -33,7 +33,7 @@ def setup(conf):
     if where in ("stderr", "syslog"):
         _target = (where, None)
         if where == "syslog":
-            import syslog
+            import syslog   # only where log = "syslog"
             syslog.openlog(program.name(), syslog.LOG_PID, syslog.LOG_MAIL)
         return
     try:
@@ -57,7 +57,7 @@ def line(text):
     """Log one line as it is."""
     kind, fd = _target or ("stderr", None)
     if kind == "syslog":
-        import syslog
+        import syslog   # only where log = "syslog"
         syslog.syslog(syslog.LOG_INFO, text)
         return
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -22,8 +22,10 @@ command  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          any other code permanent.
 """
 import errno
+import fcntl
 import io
 import os
+import stat
 import time
 
 from masq import child, program
@@ -112,7 +114,6 @@ def mbox(path, head, stream, sender):
         raise DeliveryError(f"unable to open mbox {path}: {e.strerror}") from None
     dotlock = None
     try:
-        import stat
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DeliveryError(f"{path} is not a regular file", temporary=False)
         dotlock = _lock(fd, path)
@@ -201,7 +202,6 @@ def _stale(dotlock):
 
 def _lock(fd, path):
     """Take the dot-lock and the fcntl lock; return the dot-lock's path or None."""
-    import fcntl
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     dotlock, pause = path + ".lock", 0.05
     while True:
@@ -245,8 +245,8 @@ def _lock(fd, path):
 
 def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):
     """Run a delivery program with the message on stdin; return 'program NAME'."""
-    import subprocess
-    import tempfile
+    import subprocess   # with tempfile: several ms that a maildir or mbox delivery
+    import tempfile     # does not pay (masq.child)
     name = name or os.path.basename(argv[0])
     with tempfile.TemporaryFile() as output:
         try:

@@ -79,7 +79,7 @@ def name():
 
 def parse(doc, argv=None, usage_code=Exit.PERMANENT, options_first=False):
     """Parse argv with docopt; bad usage raises Error with `usage_code`."""
-    from docopt import DocoptExit, docopt
+    from docopt import DocoptExit, docopt   # the chain's fast paths parse argv without it
 
     try:
         return docopt(doc, argv, options_first=options_first)
@@ -155,7 +155,7 @@ def run(main, argv=None, temporary_code=Exit.TEMPFAIL):
     except SystemExit:
         raise
     except BaseException:
-        import traceback
+        import traceback    # only after a bug
         _say(f"{prog}: fatal: internal error, please report it:")
         traceback.print_exc()
         return temporary_code

@@ -69,7 +69,7 @@ def online(conf, forced=None):
 
 
 def _command_output(command):
-    import subprocess
+    import subprocess   # re, enum, locale: only for detect = "command"
     if not command:
         raise RouteError('online.detect = "command" needs online.command')
     try:
@@ -128,7 +128,7 @@ def matches(patterns, addr):
     Domains compare case-blind; "[" is a plain character, so that address
     literals like *@[192.0.2.1] match themselves rather than a set.
     """
-    from fnmatch import fnmatchcase
+    from fnmatch import fnmatchcase     # it imports re: only routes with patterns pay
     local, domain = address.split(addr)
     subject = f"{local}@{domain.lower()}" if domain else local
     for pattern in patterns:
@@ -164,7 +164,7 @@ def rewrite_headers(table, section):
 
 def _rewrite_field(table, raw):
     """One header field with each address in it rewritten (RFC 5322 3.4)."""
-    import re
+    import re           # only routes with rewrite_sender
     name, colon, value = raw.partition(b":")
     text = value.decode("utf-8", "surrogateescape")
     masked = _mask(text)

@@ -43,7 +43,8 @@ The message comes on stdin; exit codes are sysexits(3): masq-inject(8).
 import os
 import sys
 
-from masq import Error, program
+from masq import Error, cleanup, config, handoff, headers, program, spool
+from masq.envelope import Envelope
 from masq.program import Exit
 
 MODES_BY_NAME = {"mailq": "p", "runq": "q", "newaliases": "i", "mailrm": "rm",
@@ -90,7 +91,6 @@ def main(argv=None):
         program._say(f"{program.name()}: fatal: {e}")
         program._say(usage)
         return Exit.USAGE
-    from masq import config
     conf = config.load(opts.conf)
     mode = opts.mode or "m"
     if mode == "m":
@@ -198,21 +198,19 @@ def set_mode(opts, mode):
 
 def submit(conf, opts):
     """Read the message on stdin, clean its header section and queue it."""
-    from masq import headers
-    login, gecos = _user()
+    login, gecos = cleanup.user()
     hostname = conf.hostname
-    sender = _sender(opts.sender, login, hostname)
+    sender = cleanup.sender(opts.sender, login, hostname)
     recipients = []
     for arg in opts.args:
-        recipients += _recipients(arg, hostname, "recipient address")
+        recipients += cleanup.recipients(arg, hostname, "recipient address")
     if not recipients and not opts.extract:
         raise Error("recipient addresses must be given on the command line or with -t",
                     code=Exit.USAGE, temporary=False)
-    stdin = sys.stdin.buffer
-    source = Input(stdin, opts.dots)
+    source = cleanup.Input(sys.stdin.buffer, opts.dots)
     max_size = conf.get("max_size")
     if opts.rmail:
-        sender = _strip_uucp_from(source, sender if opts.sender else None, hostname)
+        sender = cleanup.strip_uucp_from(source, sender if opts.sender else None, hostname)
     limit = headers.MAX_HEADER_BYTES if not max_size else min(max_size, headers.MAX_HEADER_BYTES)
     section = headers.read(source.readline, limit)
     if opts.extract:
@@ -221,30 +219,27 @@ def submit(conf, opts):
             names = ("to", "cc", "bcc")
         for name in names:
             for value in section.values(name):
-                recipients += _recipients(value, hostname, f"address in {name.title()}")
+                recipients += cleanup.recipients(value, hostname, f"address in {name.title()}")
         if not recipients:
             raise Error("no recipient addresses found in the header",
                         code=Exit.USAGE, temporary=False)
     recipients = list(dict.fromkeys(recipients))
-    added = _added_headers(section, opts, login, gecos, sender, hostname)
+    fullname = opts.fullname if opts.fullname is not None else gecos
+    added = cleanup.added_headers(section, login, fullname, sender, opts.sender is not None,
+                                  hostname)
     head = added + section.encode(drop=("return-path", "bcc", "resent-bcc"))
-    from masq.envelope import Envelope
-    env = Envelope(sender, recipients)
-    trace = {"proto": "local", "user": login}
-    stream = Body(head, source)
-    from masq.handoff import HookError, submit
     queue = _queue(conf.path("spool"))
     try:
-        qid = submit(conf, stream, env, trace, queue=queue)
-    except HookError as e:      # a sysexits code from the hook is ours to give too
+        qid = handoff.submit(conf, cleanup.Body(head, source), Envelope(sender, recipients),
+                             {"proto": "local", "user": login}, queue=queue)
+    except handoff.HookError as e:      # a sysexits code from the hook is ours to give too
         if e.status is not None and 64 <= e.status <= 78:
             e.code = e.status
         raise
-    woken = queue.woken
     if opts.verbose:
         program._say(f"{program.name()}: {qid or 'message'}: queued, from <{sender}> to "
                      + ", ".join(f"<{r}>" for r in recipients))
-    return _deliver(conf, opts, qid, woken)
+    return _deliver(conf, opts, qid, queue.woken)
 
 
 def _deliver(conf, opts, qid, woken):
@@ -296,7 +291,13 @@ def _background(run_args):
 
 
 def _program(name):
-    """The module masq.cmd.NAME, or Error 69 if it is not installed."""
+    """The module masq.cmd.NAME, or Error 69 if it is not installed.
+
+    sendmail's other names (mailq, runq, -bv, -bs, mailrm) and -odi/-odb run
+    masq-queue's, masq-send's, masq-route's or masq-smtpd's main() in this
+    process, with the arguments an exec would get (DESIGN.md: a process
+    boundary is the contract, not a fresh interpreter); imported only then.
+    """
     import importlib
     try:
         return importlib.import_module(f"masq.cmd.{name}")
@@ -321,7 +322,7 @@ def verify(conf, opts):
     hostname = conf.hostname
     addrs = []
     for arg in opts.args:
-        addrs += _recipients(arg, hostname, "address")
+        addrs += cleanup.recipients(arg, hostname, "address")
     return _program("route").main(["-C", conf.file, *addrs])
 
 
@@ -338,7 +339,7 @@ def check_aliases(conf, opts):
 def smtp(conf, opts):
     """-bs: masq-smtpd on stdin and stdout, for the user who runs us."""
     smtpd = _program("smtpd")
-    login, _ = _user()
+    login, _ = cleanup.user()
     os.environ.update(MASQ_PROTO="esmtp", MASQ_USER=login)
     return smtpd.main(["-C", conf.file])
 
@@ -348,7 +349,7 @@ def remove(conf, opts):
 
 
 def _program_module(module, what):
-    import importlib
+    import importlib    # as in _program: only the mode that needs the module loads it
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -360,7 +361,7 @@ def _program_module(module, what):
 
 def host_status(conf, opts):
     """-bh, hoststat: the host status store, one line per destination."""
-    from masq import hoststat
+    from masq import hoststat   # sqlite3: only these two modes pay for it
     store = hoststat.HostStat(conf.path("spool"))
     try:
         sys.stdout.writelines(hoststat.describe(store.list()))
@@ -386,58 +387,8 @@ RUN_MODE = {"p": list_queue, "q": run_queue, "v": verify, "i": check_aliases,
             "s": smtp, "rm": remove, "h": host_status, "H": purge_host_status}
 
 
-class Input:
-    """stdin as lines, ending at a lone "." line unless -i (dots False)."""
-
-    def __init__(self, raw, dots):
-        self.raw = raw
-        self.dots = dots
-        self.ended = False
-        self.bol = True             # at the beginning of a line
-
-    def readline(self, limit):
-        if self.ended:
-            return b""
-        line = self.raw.readline(limit)
-        if self.dots and self.bol and line[:1] == b"." and line in (b".\n", b".\r\n", b"."):
-            self.ended = True
-            return b""
-        self.bol = line.endswith(b"\n")
-        return line
-
-    def read(self, size):
-        """Up to about `size` bytes; whole lines while dots end the input."""
-        if self.ended:
-            return b""
-        if not self.dots:
-            return self.raw.read(size)
-        lines, total = [], 0
-        while total < size:
-            line = self.readline(size)
-            if not line:
-                break
-            lines.append(line)
-            total += len(line)
-        return b"".join(lines)
-
-
-class Body:
-    """The stream enqueue reads: the cleaned header section, then the rest."""
-
-    def __init__(self, head, source):
-        self.head = head
-        self.source = source
-
-    def read(self, size=65536):
-        if self.head:
-            head, self.head = self.head, b""
-            return head
-        return self.source.read(size)
-
-
 def _queue(path):
     """A Spool that remembers whether enqueue's trigger woke a daemon."""
-    from masq import spool
 
     class Spool(spool.Spool):
         woken = False
@@ -447,104 +398,3 @@ def _queue(path):
             return self.woken
 
     return Spool(path)
-
-
-def _user():
-    """(login name, full name from the passwd GECOS field)."""
-    import pwd
-    try:
-        entry = pwd.getpwuid(os.getuid())
-    except KeyError:
-        return str(os.getuid()), ""
-    full = entry.pw_gecos.split(",")[0]
-    if "&" in full:                 # BSD: & stands for the capitalised login
-        full = full.replace("&", entry.pw_name.capitalize())
-    return entry.pw_name, full.strip()
-
-
-def _sender(value, login, hostname):
-    """The envelope sender: -f, or the user at this host; "<>" is null."""
-    from masq import address
-    if value is None:
-        return f"{login}@{hostname}"
-    value = address.strip_brackets(value)
-    if value == "":
-        return ""
-    try:
-        address.check(value, need_domain=False)
-    except Error as e:
-        raise Error(f"bad sender address: {e}", code=Exit.DATAERR, temporary=False) from None
-    return address.qualify(value, hostname)
-
-
-def _recipients(text, hostname, what):
-    """The addresses in an argument or a header value, qualified."""
-    from masq import address, headers
-    try:
-        found = headers.addresses(text)
-        for addr in found:
-            address.check(addr, need_domain=False)
-    except Error as e:
-        raise Error(f"bad {what}: {e}", code=Exit.DATAERR, temporary=False) from None
-    return [address.qualify(a, hostname) for a in found]
-
-
-def _added_headers(section, opts, login, gecos, sender, hostname):
-    """Date, Message-ID and From lines for those the message lacks."""
-    import time
-    from masq import message
-    lines = []
-    if not section.has("date"):
-        lines.append(f"Date: {message.date()}\n")
-    if not section.has("message-id"):
-        lines.append(f"Message-ID: <{time.time_ns():x}.{os.getpid():x}@{hostname}>\n")
-    if not section.has("from"):
-        mailbox = sender if opts.sender and sender else f"{login}@{hostname}"
-        name = opts.fullname if opts.fullname is not None else gecos
-        name = " ".join(name.split())       # no CR or LF from -F
-        lines.append(f"From: {_phrase(name)} <{mailbox}>\n" if name else f"From: {mailbox}\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
-
-
-_ATOM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                        "!#$%&'*+-/=?^_`{|}~ ")
-
-
-def _phrase(name):
-    """A display name as atoms, a quoted string, or RFC 2047 encoded words."""
-    if not name.isascii():
-        import binascii
-        raw = name.encode("utf-8", "surrogateescape")
-        words, start = [], 0
-        while start < len(raw):
-            end = min(start + 45, len(raw))
-            while end < len(raw) and (raw[end] & 0xC0) == 0x80:
-                end -= 1            # never split a UTF-8 sequence
-            chunk = binascii.b2a_base64(raw[start:end], newline=False).decode()
-            words.append(f"=?utf-8?b?{chunk}?=")
-            start = end
-        return " ".join(words)
-    if all(c in _ATOM_CHARS for c in name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _strip_uucp_from(source, explicit, hostname):
-    """rmail: drop leading "From user date remote from host" lines.
-
-    The sender comes from the first of them unless -f gave one.
-    """
-    sender = explicit
-    raw = source.raw
-    while raw.peek(5)[:5] in (b"From ", b">From"):
-        line = raw.readline(65536)
-        words = line.decode("utf-8", "surrogateescape").split()
-        if sender is None and len(words) > 1:
-            user = words[1]
-            if "@" not in user and len(words) > 4 and words[-3:-1] == ["remote", "from"]:
-                user = f"{user}@{words[-1]}"
-            sender = user
-    if sender is None:
-        login, _ = _user()
-        return f"{login}@{hostname}"
-    return _sender(sender, "", hostname)

@@ -17,7 +17,7 @@ unknown; 69 if one can never be delivered.
 """
 import pwd
 
-from masq import Error, address, config, program, route
+from masq import Error, address, aliases, config, program, route
 from masq.program import Exit
 
 
@@ -57,7 +57,6 @@ def explain(conf, rcpt, sender, up):
 
 def local(conf, local_part):
     """Follow aliases to their final targets, the way masq-local will."""
-    from masq import aliases
     try:
         table = aliases.load(conf.path("aliases"), conf.local_domains)
         targets = table.expand(local_part)

@@ -27,11 +27,13 @@ it is.
 passwords in DIR/masq.toml, default DIR/passwd), or replaces its password:
 the password is the first line of stdin, stored only as a salted hash.
 """
+import getpass
+import ipaddress
 import os
 import pwd
 import sys
 
-from masq import Error, program
+from masq import Error, config, passwords, program, spool
 from masq.program import Exit
 
 PROFILES = ("local-only", "smarthost", "direct", "lan-server")
@@ -164,7 +166,6 @@ def _relay(text):
 
 def _lan(text):
     """A LAN network for relay_nets; the whole Internet is refused."""
-    import ipaddress
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -182,7 +183,6 @@ def _list(items):
 def _password():
     """The smarthost password: the first line of stdin (a prompt on a terminal)."""
     if sys.stdin.isatty():
-        import getpass
         line = getpass.getpass("smarthost password: ")
     else:
         line = sys.stdin.readline()
@@ -194,14 +194,12 @@ def _password():
 
 def set_password(folder, user):
     """masq-setup passwd: one user's line in the AUTH password file."""
-    from masq import passwords
     try:
         passwords.check_user(user)
     except passwords.BadUserError as e:
         raise UsageError(str(e)) from None
     path = password_file(folder)
     if sys.stdin.isatty():
-        import getpass
         password = getpass.getpass(f"password for {user}: ").encode()
     else:
         password = sys.stdin.buffer.readline()
@@ -224,7 +222,6 @@ def password_file(folder):
     conf_file = os.path.join(folder, "masq.toml")
     if not os.path.exists(conf_file):
         return os.path.join(folder, "passwd")
-    from masq import config
     conf = config.load(conf_file)
     value = conf.table("smtpd").get("passwords", "passwd")
     if not isinstance(value, str) or not value:
@@ -246,7 +243,6 @@ def write_secret(path, password):
 
 def write(folder, profile, hostname, mailbox, user, extra=""):
     """Make the folder; keep files a person may have edited."""
-    from masq import spool
     os.makedirs(folder, exist_ok=True)
     path = {"maildir": "mail/{user}/", "mbox": "mail/{user}", "mda": "mail/{user}"}[mailbox]
     _write_new(os.path.join(folder, "masq.toml"), LOCAL_ONLY.format(
