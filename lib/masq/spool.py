@@ -36,6 +36,11 @@ States of a message, and what a crash in each leaves (cf. qmail INTERNALS):
 
 A state record torn by a crash is an incomplete last line: readers ignore
 it (its delivery may repeat once), and the next append starts a new line.
+
+One module of about 600 lines on purpose: the on-disk format, its writer
+and its readers, its locks and its check are one contract (masq-spool(5)),
+and keeping them together is what lets the crash states above be read in
+one place.
 """
 import fcntl
 import os
