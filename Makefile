@@ -27,8 +27,10 @@ compile: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# pip rewrites the launchers: give them their -IS line again (masq.launchers)
 $(VENV)/.test-deps: $(PY) setup.cfg
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m masq.launchers
 	@touch $@
 
 $(VAR)/masq.toml: | $(VENV)/.installed
