@@ -1,9 +1,14 @@
-"""IP addresses and networks as text: parse, and test membership.
+"""IP addresses and networks as text, and the peer on fds 0 and 1.
 
 Parsed here, not with ipaddress: importing it costs a quarter of a
 masq-smtpd start under tcpserver.  An address is (4 or 6, integer); an
-IPv4-mapped IPv6 address is IPv4.
+IPv4-mapped IPv6 address is IPv4.  The peer is what tcp-environ(5) says
+(TCPREMOTEIP, TCPREMOTEHOST), else what the socket on fd 0 says; never DNS.
 """
+import os
+import stat
+
+HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 def in_nets(ip, nets):
@@ -54,3 +59,36 @@ def parse_ip(text):
     if value >> 32 == 0xffff:
         return 4, value & 0xffffffff
     return 6, value
+
+
+def client_address(ip):
+    """(client IP, is a local user): TCPREMOTEIP, else the peer of a socket on fd 0."""
+    if ip is not None:
+        return ip, False
+    if not stat.S_ISSOCK(os.fstat(0).st_mode):
+        return "", True             # pipes or a terminal: a local user (sendmail -bs)
+    import socket                   # it imports enum: only inetd and systemd pay for it
+    try:
+        with socket.socket(fileno=os.dup(0)) as s:
+            peer = s.getpeername()
+    except OSError:
+        return "", False
+    if isinstance(peer, tuple):
+        return peer[0], False
+    return "", True                 # a Unix socket: someone on this host
+
+
+def host_name(name):
+    """TCPREMOTEHOST if it looks like a host name (it comes from the DNS), else unknown."""
+    if not name or len(name) > 255 or not all(c in HOST_CHARACTERS for c in name):
+        return "unknown"
+    return name
+
+
+def stdio_is_one_socket():
+    """True when fds 0 and 1 are the same socket (tcpserver, inetd, systemd Accept=yes)."""
+    try:
+        st0, st1 = os.fstat(0), os.fstat(1)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino)

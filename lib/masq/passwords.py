@@ -12,7 +12,9 @@ mode 0600 from its creation, fsynced, renamed over the old one, the folder
 fsynced), under a flock on the folder so that two writers never lose a line.
 A password is only ever compared through its hash, with hmac.compare_digest.
 """
+import binascii
 import os
+import stat
 
 from masq import Error
 
@@ -58,7 +60,6 @@ def status(path):
 
 
 def _refusal(path, st):
-    import stat
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
     if st.st_mode & 0o077:
@@ -92,13 +93,12 @@ def verify(path, user, password):
         # the same work for an unknown user: response time tells nothing
         _derive("scrypt", password[:MAX_PASSWORD_BYTES], _DUMMY_SALT)
         return False
-    import hmac
+    import hmac                     # it imports hashlib (OpenSSL): only a check pays
     return hmac.compare_digest(_derive(scheme, password, salt), digest)
 
 
 def _parse(entry):
     """(scheme, salt, hash) of `scheme$salt$hash`; (None, None, None) if it does not parse."""
-    import binascii
     try:
         scheme, salt, digest = entry.decode("ascii").split("$")
         if scheme not in SCHEMES:
@@ -113,7 +113,7 @@ def _parse(entry):
 
 
 def _derive(scheme, password, salt):
-    import hashlib
+    import hashlib                  # OpenSSL, a few ms: only a check or a new password pays
     if scheme == "scrypt":
         return hashlib.scrypt(password, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
                               maxmem=64 * 1024 * 1024, dklen=HASH_BYTES)
@@ -122,7 +122,7 @@ def _derive(scheme, password, salt):
 
 def encode(password, scheme=None):
     """`scheme$salt$hash` for a password (bytes), with a fresh random salt."""
-    import base64
+    import base64                   # as hashlib: only masq-setup passwd writes passwords
     import hashlib
     if scheme is None:
         scheme = "scrypt" if hasattr(hashlib, "scrypt") else "pbkdf2_sha256"
@@ -133,7 +133,7 @@ def encode(password, scheme=None):
 
 def write_user(path, user, password):
     """Add the user's line, or replace it, atomically; the file ends with mode 0600."""
-    import fcntl
+    import fcntl                    # only masq-setup passwd writes the file
     check_user(user)
     if not password or len(password) > MAX_PASSWORD_BYTES:
         raise BadUserError(f"the password must have 1 to {MAX_PASSWORD_BYTES} bytes")

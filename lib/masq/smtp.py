@@ -1,4 +1,4 @@
-"""SMTP as data: server replies, command lines, and the DATA byte stream.
+"""SMTP as data: server replies, command lines, and the DATA and BDAT byte streams.
 
 Shared by the server (masq-smtpd) and anything else that speaks SMTP; the
 client lives in masq.smtpclient.  Every reply is written here once, with its
@@ -101,7 +101,14 @@ class ConnectionLost(Error):
 
 
 class ChunkInterrupted(Error):
-    """A command other than BDAT came between chunks: the transaction is over."""
+    """A command other than BDAT came between chunks: the transaction is over.
+
+    `line` is that command, for the session to take as its next one.
+    """
+
+    def __init__(self, message, line=None):
+        super().__init__(message)
+        self.line = line
 
 
 class BareLineEndError(Error):
@@ -333,8 +340,7 @@ class DataStream:
         data = segment.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
         self.size += len(data)
         if check and self.max_size is not None and self.size > self.max_size:
-            from masq.spool import TooBigError
-            raise TooBigError(f"message larger than the limit of {self.max_size} bytes")
+            _too_big(self.max_size)
         return data
 
 
@@ -356,3 +362,79 @@ class ChunkDecoder:
         if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
             raise BareLineEndError("bare CR or LF in message data")
         return data.replace(b"\r\n", b"\n")
+
+
+class ChunkStream:
+    """The message of a run of BDAT commands, as one stream (RFC 3030).
+
+    Between chunks it answers the chunk through `reply` and reads the next
+    command itself: a BDAT goes on, anything else ends the transaction
+    (ChunkInterrupted, carrying that command line for the session).  More
+    than `max_size` bytes raise TooBigError; drain() reads the rest of the
+    current chunk.
+    """
+
+    def __init__(self, reader, size, last, reply, max_size=None):
+        self.reader = reader
+        self.reply = reply
+        self.max_size = max_size
+        self.left, self.last = size, last
+        self.chunk_size = size
+        self.decoder = ChunkDecoder()
+        self.size = 0
+
+    def read(self, n=65536):
+        while True:
+            if self.left:
+                if not self.reader.buf:
+                    self.reader.fill()
+                piece = self.reader.buf[:min(self.left, n)]
+                self.reader.buf = self.reader.buf[len(piece):]
+                self.left -= len(piece)
+                data = self.decoder.feed(piece, self.last and not self.left)
+                self.size += len(data)
+                if self.max_size and self.size > self.max_size:
+                    _too_big(self.max_size)
+                if data:
+                    return data
+                continue
+            if self.last:
+                return b""
+            self.next_chunk()
+
+    def next_chunk(self):
+        self.reply(CHUNK_OK.format(self.chunk_size))
+        line = self.reader.readline(PARAM_LINE_MAX_BYTES)
+        try:
+            verb, arg = command(line)
+        except ProtocolError:
+            verb = arg = None
+        size, last = parse_bdat(arg) if verb == "BDAT" else (None, False)
+        if size is None:
+            raise ChunkInterrupted("BDAT transaction ended by another command", line)
+        self.left, self.last, self.chunk_size = size, last, size
+
+    def drain(self):
+        """Consume the rest of the current chunk."""
+        for _ in self.reader.read_exactly(self.left):
+            pass
+        self.left = 0
+
+
+def parse_bdat(arg):
+    """(size, last) of `BDAT size [LAST]`; size None when it does not parse."""
+    words = arg.split(" ")
+    if not words[0].isdigit() or not words[0].isascii() or len(words[0]) > 20:
+        return None, False
+    if len(words) == 1:
+        return int(words[0]), False
+    if len(words) == 2 and words[1].upper() == "LAST":
+        return int(words[0]), True
+    return None, False
+
+
+def _too_big(max_size):
+    """Raise the queue's TooBigError: the caller handles it as the queue's own."""
+    # masq.spool imports fcntl: only a message over the limit pays for it here
+    from masq.spool import TooBigError
+    raise TooBigError(f"message larger than the limit of {max_size} bytes")

@@ -22,8 +22,15 @@ smtpd process do, saving the fork and exit per connection; each session
 still gets a fresh environment.  SIGTERM stops the listener; sessions finish.
 Exit codes: masq-tcpserver(8).
 """
+import gc
+import getopt
+import importlib
 import os
+import select
+import signal
+import socket
 import sys
+import time
 
 from masq import Error, program
 from masq.program import Exit
@@ -61,7 +68,6 @@ def _positive(text, what):
 
 def parse(argv):
     """Options as getopt(3) reads them (docopt takes `-1` for a number)."""
-    import getopt
     try:
         opts, rest = getopt.getopt(argv, "c:m:1h", ["help"])
     except getopt.GetoptError as e:
@@ -83,7 +89,6 @@ def _in_process(argv):
     module_name = IN_PROCESS.get(os.path.basename(argv[0]))
     if module_name is None:
         return None
-    import importlib
     module = importlib.import_module(module_name)
     module.preload(argv[1:])
     return module.main
@@ -91,7 +96,6 @@ def _in_process(argv):
 
 def listen(host, port):
     """A listening socket on HOST PORT (numeric host; 0 means every IPv4 address)."""
-    import socket
     if host == "0":
         host = "0.0.0.0"
     try:
@@ -115,9 +119,6 @@ def listen(host, port):
 
 def serve(sock, argv, limit, runner, maxuse=1):
     """Accept until SIGTERM, at most `limit` children at once; reap them."""
-    import select
-    import signal
-    import time
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     # children that serve several connections watch this pipe: at its EOF
     # (the listener stopped or died) they stop waiting for connections
@@ -131,7 +132,6 @@ def serve(sock, argv, limit, runner, maxuse=1):
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
     listening = False
-    import gc
     gc.collect()
     gc.freeze()         # a child's collections skip the listener's objects: less copy-on-write
     program.title(f"masq-tcpserver {sock.getsockname()[0]} {sock.getsockname()[1]}")
@@ -170,7 +170,6 @@ def serve(sock, argv, limit, runner, maxuse=1):
                 conn.close()
     # shutdown, not only close: a -m child holds a copy of this socket, and the
     # port must stop listening now, not when that child's session ends
-    import socket
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -204,7 +203,6 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1):
         return pid
     code = Exit.TEMPORARY
     try:
-        import signal
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
@@ -269,7 +267,6 @@ def _release_connection():
 
 def _next_connection(sock, alive):
     """Wait for the next connection on the listening socket; None to stop."""
-    import select
     deadline_polls = IDLE_SECONDS
     while deadline_polls > 0:
         ready, _, _ = select.select([sock, alive], [], [], 1.0)
@@ -288,9 +285,8 @@ def _next_connection(sock, alive):
 
 
 def _cancel_alarm():
-    """No session's write deadline may outlive it (the C module: `signal` is slow)."""
-    import _signal
-    _signal.alarm(0)
+    """No session's write deadline may outlive it."""
+    signal.alarm(0)
 
 
 def _set_environ(conn):
