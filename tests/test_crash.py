@@ -128,3 +128,22 @@ def test_masq_send_killed_during_mbox_delivery_never_leaves_half_a_message(masq)
         n = msg["Subject"].split()[1]
         # mailbox.mbox does not undo mboxrd quoting: the body line reads ">From"
         assert msg.get_payload().rstrip("\n") == f">From the start\n.\nmessage {n}"
+
+
+def test_full_disk_at_the_first_write_is_75_and_leaves_no_tmp_file(masq):
+    # masq-inject(8): nothing is left of a refused message.  A limit of 0 (or
+    # below the spool header's size) fails the very first write, the one made
+    # while the tmp file is being set up.
+    import resource
+    masq.run(["masq-queue", "list"]).ok()       # the config cache exists before the limit
+    for limit in (0, 10):
+        def small_files(limit=limit):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        r = masq.run([masq.bin("sendmail"), "-odq", "bob"], input=b"Subject: x\n\nbody\n",
+                     preexec_fn=small_files)
+        assert r.rc == 75 and b"File too large" in r.err, r
+        assert os.listdir(os.path.join(masq.spool, "tmp")) == [], limit
+        assert masq.queue_ids() == []
+    masq.run([masq.bin("sendmail"), "-odq", "bob"], input=b"Subject: x\n\nbody\n").ok()
+    assert len(masq.queue_ids()) == 1

@@ -13,8 +13,19 @@ mbox     mboxrd: a `From sender date` line, every line matching ^>*From_
          gets one more `>`, a blank line after the message.  Locked with a
          dot-lock (FILE.lock, O_EXCL, holding our PID; removed when its
          PID is dead or it is older than STALE_LOCK_SECONDS) and
-         fcntl.lockf, each retried for LOCK_WAIT_SECONDS.  On
+         fcntl.lockf, both within LOCK_WAIT_SECONDS, sleeping between
+         tries; then a temporary failure: the queue retries later.  On
          any failure the file is cut back to its old length.
+         The lock path is hostile (root may deliver into a folder users
+         write): a FILE.lock that is not a regular file (a symbolic link,
+         a FIFO, a folder, a device) is a temporary failure naming it; it
+         is never followed, opened blocking, or removed.
+         A lock held by a live process: like Postfix local(8)
+         (deliver_lock_attempts 20 x deliver_lock_delay 1s), wait up to 20 s,
+         then defer.  Once a wait timed out on an mbox, this process (a
+         whole queue run of masq-send) tries that mbox only once for the
+         next BUSY_SECONDS, so a run with many messages for a locked mbox
+         is not stalled 20 s per message.
 command  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          alias), message on stdin, stdout and stderr kept for the reason:
          exit 0 delivered; a temporary code of masq.program's table (75,
@@ -33,11 +44,16 @@ from masq.outcome import DeliveryError
 from masq.spool import fsync_dir
 
 COPY_BYTES = 65536
-LOCK_WAIT_SECONDS = 60          # then give up and let the queue retry
+LOCK_WAIT_SECONDS = 20          # then give up and let the queue retry (Postfix: 20 x 1 s)
+LOCK_PAUSE_SECONDS = 1.0        # the longest sleep between two tries (deliver_lock_delay)
+BUSY_SECONDS = 120              # after a timed-out wait, the same mbox is tried once only
 STALE_LOCK_SECONDS = 600        # a dot-lock this old is a crashed writer's
 MAX_LOCK_BYTES = 32             # a dot-lock holds a PID line; anything bigger is no lock
 EMPTY_LOCK_SECONDS = 5          # a dot-lock still without a PID this long: its writer died
 _counter = 0                    # deliveries by this process (maildir Q field)
+_busy = {}                      # mbox path -> when a lock wait on it last timed out
+_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder",
+          stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
 
 
 def maildir(folder, head, stream):
@@ -112,17 +128,17 @@ def mbox(path, head, stream, sender):
             raise DeliveryError(f"{path} is a symbolic link: refusing to write "
                                 "through it") from None
         raise DeliveryError(f"unable to open mbox {path}: {e.strerror}") from None
-    dotlock = None
+    lock = None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DeliveryError(f"{path} is not a regular file", temporary=False)
-        dotlock = _lock(fd, path)
+        lock = _lock(fd, path)
         if isinstance(stream, io.RawIOBase):
             stream = io.BufferedReader(stream, COPY_BYTES)   # readline, not read(1)s
         _append(fd, path, head, stream, sender)
     finally:
-        if dotlock:
-            _unlink(dotlock)
+        if lock:
+            _unlock(*lock)
         os.close(fd)        # drops the lockf lock too
     return f"mbox {path}"
 
@@ -178,69 +194,119 @@ def _quote_into(reader, out):
 
 
 def _stale(dotlock):
-    """A dot-lock is stale when its writer (the PID inside) is dead, or it is old.
+    """The lstat of a stale dot-lock (its PID is dead, or it is old), else None.
 
-    A file larger than a PID line is not a lock at all: never removed.
+    A file larger than a PID line is not a lock at all: never removed.  One
+    that is not a regular file raises DeliveryError.
     """
-    st = os.stat(dotlock)
+    st = os.lstat(dotlock)          # FileNotFoundError: released meanwhile
+    _refuse_odd(dotlock, st.st_mode)
     if st.st_size > MAX_LOCK_BYTES:
-        return False
+        return None
     if time.time() - st.st_mtime > STALE_LOCK_SECONDS:
-        return True
-    with open(dotlock, "rb") as f:
-        text = f.read(32).strip()
+        return st
+    # swapped since the lstat?  O_NOFOLLOW fails on a link, O_NONBLOCK does not
+    # wait for a FIFO's writer, and the fstat refuses whatever was opened
+    fd = os.open(dotlock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                 | os.O_CLOEXEC)
+    try:
+        _refuse_odd(dotlock, os.fstat(fd).st_mode)
+        text = os.read(fd, MAX_LOCK_BYTES).strip()
+    finally:
+        os.close(fd)
     if not text.isdigit():          # being written now, or its writer died first
-        return time.time() - os.stat(dotlock).st_mtime > EMPTY_LOCK_SECONDS
+        return st if time.time() - st.st_mtime > EMPTY_LOCK_SECONDS else None
     try:
         os.kill(int(text), 0)
     except ProcessLookupError:
-        return True                 # killed with its lock held (kill -9, a crash)
+        return st                   # killed with its lock held (kill -9, a crash)
     except OSError:
         pass
-    return False
+    return None
+
+
+def _refuse_odd(dotlock, mode):
+    """A lock file must be a regular file: anything else is an error, not a wait."""
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise DeliveryError(f"{dotlock} is {kind}, not a lock: remove it to let mail in")
 
 
 def _lock(fd, path):
-    """Take the dot-lock and the fcntl lock; return the dot-lock's path or None."""
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    dotlock, pause = path + ".lock", 0.05
+    """Take the dot-lock and the fcntl lock; return (dot-lock path, its identity) or None."""
+    wait, dotlock = _Wait(path), path + ".lock"
     while True:
         try:
+            # O_EXCL never follows a symbolic link: a link named so is EEXIST
             lfd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
+                st = os.fstat(lfd)
                 os.write(lfd, b"%d\n" % os.getpid())
             finally:
                 os.close(lfd)
+            lock = (dotlock, (st.st_dev, st.st_ino))
             break
         except FileExistsError:
             try:
-                if _stale(dotlock):
-                    os.unlink(dotlock)
-                    continue
-            except FileNotFoundError:
-                continue            # released meanwhile: try again at once
+                st = _stale(dotlock)
+                if st is not None:
+                    _unlock(dotlock, (st.st_dev, st.st_ino))
             except OSError:
-                pass
+                pass                # released meanwhile, or unreadable: try again later
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EROFS):
-                dotlock = None      # a folder we may not write: fcntl alone
+                lock = None         # a folder we may not write: fcntl alone
                 break
             raise DeliveryError(f"unable to create {dotlock}: {e.strerror}") from None
-        if time.monotonic() > deadline:
-            raise DeliveryError(f"{path} is locked by another program ({dotlock})")
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)
+        wait.again(f"{path} is locked by another program ({dotlock})")
     while True:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return dotlock
+            _busy.pop(path, None)
+            return lock
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                if dotlock:
-                    _unlink(dotlock)
-                raise DeliveryError(f"unable to lock {path}: {e.strerror}") from None
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)
+            try:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise DeliveryError(f"unable to lock {path}: {e.strerror}") from None
+                wait.again(f"unable to lock {path}: {e.strerror}")
+            except DeliveryError:
+                if lock:
+                    _unlock(*lock)
+                raise
+
+
+class _Wait:
+    """Lock tries within one deadline, sleeping between them.
+
+    A timed-out mbox is remembered for BUSY_SECONDS: meanwhile this process
+    tries it once, so a queue run is not stalled a full wait per message.
+    Only a full wait's timeout is remembered, so one is waited again later.
+    """
+
+    def __init__(self, path):
+        now, since = time.monotonic(), _busy.get(path)
+        self.path, self.pause = path, 0.05
+        self.quick = since is not None and now - since < BUSY_SECONDS
+        self.deadline = now + (0 if self.quick else LOCK_WAIT_SECONDS)
+
+    def again(self, reason):
+        """Sleep before the next try, or raise DeliveryError(reason) past the deadline."""
+        if time.monotonic() + self.pause > self.deadline:
+            if not self.quick:
+                _busy[self.path] = time.monotonic()
+            raise DeliveryError(reason)
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, LOCK_PAUSE_SECONDS)
+
+
+def _unlock(dotlock, identity):
+    """Remove the dot-lock if it is still that regular file (never someone else's)."""
+    try:
+        st = os.lstat(dotlock)
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+            os.unlink(dotlock)      # unlink never follows: it removes the name
+    except OSError:
+        pass
 
 
 def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):

@@ -210,8 +210,14 @@ class NewMessage:
                 raise SpoolError(f"no spool at {spool.path}: make one with masq-setup") from None
             except OSError as e:
                 raise SpoolError(f"unable to create {self.tmp}: {e.strerror}") from None
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self._write_raw(MAGIC + b"0" * SIZE_DIGITS + b"\n")
+        # __exit__ (and so abort) runs only once __init__ has returned: a
+        # failure here (a full disk at the first write) must remove the file itself
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self._write_raw(MAGIC + b"0" * SIZE_DIGITS + b"\n")
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self):
         return self
