@@ -42,7 +42,7 @@ def fill(folder, env, count):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
     os.environ["MASQ_CONF"] = env["MASQ_CONF"]
     from masq import config, envelope
-    from masq.cmd.queue import enqueue
+    from masq.handoff import enqueue
     import io
     conf = config.load(env["MASQ_CONF"])
     for i in range(count):

@@ -31,7 +31,7 @@ BIN = os.path.dirname(sys.executable)
 FILL = """
 import io, sys
 from masq import config, envelope
-from masq.cmd.queue import enqueue
+from masq.handoff import enqueue
 conf = config.load(None)
 count, size = int(sys.argv[1]), int(sys.argv[2])
 line = b"x" * 63 + b"\\n"

@@ -98,8 +98,8 @@ def message(size):
 
 
 def reused(conf, data, n):
-    from masq import smtpclient
-    session = smtpclient.connect(conf, "sink")
+    from masq import nexthop
+    session = nexthop.connect(conf, "sink")
     start = time.perf_counter()
     for _ in range(n):
         [(letter, text)] = session.send("a@b.example", ["r@x.example"], io.BytesIO(data))
@@ -110,10 +110,10 @@ def reused(conf, data, n):
 
 
 def per_connection(conf, data, n):
-    from masq import smtpclient
+    from masq import nexthop
     start = time.perf_counter()
     for _ in range(n):
-        session = smtpclient.connect(conf, "sink")
+        session = nexthop.connect(conf, "sink")
         [(letter, text)] = session.send("a@b.example", ["r@x.example"], io.BytesIO(data))
         session.close()
         assert letter == "K", text

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import BIN, enqueue
 
 MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
@@ -214,3 +216,73 @@ def test_a_bounce_that_cannot_be_queued_does_not_deliver_the_others_twice(masq):
     [bounce] = list(masq.maildir("alice"))
     assert b"x@remote.example" in bounce.as_bytes()
     assert masq.queue_ids() == []
+
+
+def deliver_by(masq, way):
+    """Set [local] deliver: "in-process" (the default) or "child" (masq-local)."""
+    text = open(masq.conf).read().replace("[local]\n", f'[local]\ndeliver = "{way}"\n')
+    masq.set_config(text)
+
+
+def test_child_local_delivery_puts_each_copy_in_the_maildir_once(masq):
+    deliver_by(masq, "child")
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost", "carol@localhost"]).ok()
+    enqueue(masq, MESSAGE + b"2\n", "alice@test.example", ["bob@localhost"]).ok()
+    runq(masq)
+    assert masq.queue_ids() == []
+    bob, carol = list(masq.maildir("bob")), list(masq.maildir("carol"))
+    assert sorted(m.as_bytes().endswith(MESSAGE) for m in bob) == [False, True]
+    assert [m.as_bytes().endswith(MESSAGE) for m in carol] == [True]
+    assert all(b"\nrcpt " not in m.as_bytes() for m in bob + carol)   # no spool records
+    # written by masq-local, not by masq-send: a maildir name holds the writer's pid
+    [send_pid] = {line.split("masq-send[")[1].split("]")[0]
+                  for line in masq.log().splitlines() if "masq-send[" in line}
+    names = os.listdir(os.path.join(masq.dir, "mail", "bob", "new"))
+    assert all(f"P{send_pid}Q" not in name for name in names), (send_pid, names)
+    assert masq.log().count("status=sent") == 3
+
+
+def test_child_local_delivery_appends_to_an_mbox_once(masq):
+    import mailbox
+    masq.use_mailbox("mbox")
+    deliver_by(masq, "child")
+    for n in range(3):
+        enqueue(masq, MESSAGE + b"%d\n" % n, "alice@test.example", ["bob@localhost"]).ok()
+    runq(masq)
+    runq(masq)
+    assert masq.queue_ids() == []
+    box = mailbox.mbox(os.path.join(masq.dir, "mail", "bob"))
+    assert sorted(m.get_payload() for m in box) == [f"body line\n{n}\n" for n in range(3)]
+
+
+@pytest.mark.parametrize("way", ["in-process", "child"])
+def test_a_failing_mda_defers_or_bounces_the_same_in_process_or_as_a_child(masq, tmp_path,
+                                                                          way):
+    set_mda(masq, "cat >/dev/null; echo 'mailbox busy' >&2; exit 75", tmp_path)
+    deliver_by(masq, way)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost"]).ok()
+    runq(masq)
+    assert len(masq.queue_ids("active")) == 1
+    listing = masq.run(["masq-queue", "list"]).ok().out.decode()
+    assert "bob@localhost (deferred:" in listing and "mailbox busy" in listing
+    set_mda(masq, f'cat >> {tmp_path}/got-$USER; [ "$USER" = carol ] && exit 1; exit 0',
+            tmp_path)
+    enqueue(masq, MESSAGE, "x@remote.example", ["carol@localhost"]).ok()
+    runq(masq)
+    assert masq.queue_ids() == []           # bob delivered, carol bounced (bounce dropped)
+    assert (tmp_path / "got-bob").read_bytes().endswith(MESSAGE)
+    assert "to=<carol@localhost> relay=local" in masq.log()
+    assert "status=bounced (mda exited with status 1)" in masq.log()
+
+
+def test_what_masq_local_prints_and_its_status_become_one_answer_per_recipient():
+    from masq.deliverer import answers
+    assert answers(b"K delivered\nD no such user\n", 0, 2) == [("K", "delivered"),
+                                                              ("D", "no such user")]
+    [(z1, _), (z2, text)] = answers(b"K delivered\n", 0, 2)     # a line missing: Z
+    assert (z1, z2) == ("K", "Z") and "no answer" in text
+    assert [a[0] for a in answers(b"", -9, 2)] == ["Z", "Z"]     # killed: temporary
+    assert [a[0] for a in answers(b"", 111, 2)] == ["Z", "Z"]
+    assert [a[0] for a in answers(b"", 100, 2)] == ["D", "D"]    # it says: permanent
+    assert [a[0] for a in answers(b"K ok\nwhat?\n", 0, 2)] == ["Z", "Z"]  # bad output
+    assert [a[0] for a in answers(b"K a\nK b\nK c\n", 0, 2)] == ["Z", "Z"]

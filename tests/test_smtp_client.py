@@ -209,10 +209,10 @@ def test_refused_greeting(masq, servers, greeting, letter):
 
 
 def test_421_in_a_session_makes_it_unusable(masq, servers):
-    from masq import config, smtpclient
+    from masq import config, nexthop
     server = sink(servers, replies={b"MAIL": b"421 4.3.2 shutting down"})
     route(masq, host=f"127.0.0.1:{server.port}", tls="none")
-    session = smtpclient.connect(config.load(masq.conf), "isp")
+    session = nexthop.connect(config.load(masq.conf), "isp")
     results = session.send("a@b.example", ["r1@x.example", "r2@x.example"], io.BytesIO(b"x\n"))
     assert results == [("Z", "127.0.0.1[127.0.0.1] said: 421 4.3.2 shutting down")] * 2
     assert not session.usable
@@ -405,12 +405,12 @@ def test_lmtp_gives_one_reply_per_recipient(masq, servers):
 # -- the in-process API: one connection, several messages ------------------------------
 
 def test_session_sends_several_messages_over_one_connection(masq, servers):
-    from masq import config, smtpclient
+    from masq import config, nexthop
     handler = Recorder(refuse={"bad@x.example": "550 no"})
     server = serve(servers, handler)
     route(masq, host=f"127.0.0.1:{server.port}", tls="none")
     conf = config.load(masq.conf)
-    session = smtpclient.connect(conf, "isp")
+    session = nexthop.connect(conf, "isp")
     try:
         for n in range(3):
             body = b"Subject: %d\n\nbody %d\n" % (n, n)
@@ -436,15 +436,15 @@ def test_session_sends_several_messages_over_one_connection(masq, servers):
     (b"cr\rin line\n", b"cr\rin line\r\n.\r\n"),
 ])
 def test_message_chunks_are_crlf_and_dot_stuffed(data, wire):
-    from masq import smtpclient
-    assert b"".join(smtpclient.Message(io.BytesIO(data)).chunks()) == wire
+    from masq import wiremessage
+    assert b"".join(wiremessage.WireMessage(io.BytesIO(data)).chunks()) == wire
 
 
 def test_dot_stuffing_across_chunk_boundaries(monkeypatch):
-    from masq import smtpclient
-    monkeypatch.setattr(smtpclient, "WRITE_CHUNK_BYTES", 4)
+    from masq import wiremessage
+    monkeypatch.setattr(wiremessage, "WRITE_CHUNK_BYTES", 4)
     data = b"abc\n.de\n...\nx.\n.\n"
-    assert b"".join(smtpclient.Message(io.BytesIO(data)).chunks()) == \
+    assert b"".join(wiremessage.WireMessage(io.BytesIO(data)).chunks()) == \
         b"abc\r\n..de\r\n....\r\nx.\r\n..\r\n.\r\n"
 
 
@@ -635,14 +635,14 @@ def test_direct_delivery_uses_opportunistic_starttls(masq, servers, dns, tmp_pat
 
 
 def test_dns_server_failure_is_temporary(masq, monkeypatch):
-    from masq import config, mx, smtpclient
+    from masq import config, mx, nexthop, outcome
     monkeypatch.setattr(mx, "DNS_LIFETIME_SECONDS", 1)     # keep the test short
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))               # a DNS server that never answers
         top_config(masq, f'dns_servers = ["127.0.0.1:{s.getsockname()[1]}"]')
         route(masq, "direct", port=25)
-        with pytest.raises(smtpclient.DeliveryError) as e:
-            smtpclient.connect(config.load(masq.conf), "direct", "x.test")
+        with pytest.raises(outcome.DeliveryError) as e:
+            nexthop.connect(config.load(masq.conf), "direct", "x.test")
     assert e.value.letter == "Z" and "DNS lookup of MX for x.test failed" in e.value.text
 
 

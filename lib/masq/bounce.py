@@ -6,10 +6,10 @@ original headers (text/rfc822-headers).  A message from <> is never bounced
 (RFC 5321 section 6.1): its failure is only logged.  A delay warning is the
 same report with `Action: delayed`, sent once when a recipient has failed
 temporarily for queue.warn_after seconds.
-"""
-import os
-import time
 
+This module only builds the bytes; masq.attempt decides when a report is
+due and queues it.
+"""
 from masq import headers, message
 
 FAILED_TEXT = ("I'm sorry to have to inform you that your message could not",
@@ -89,19 +89,4 @@ def original_headers(msg):
     """The header section of the queued message (headers.scan: bounded)."""
     with msg.open_data() as f:
         return headers.scan(f).raw()
-
-
-def send(conf, queue, msg, failed, delayed=False):
-    """Queue a bounce (or a delay warning) for msg; return its id, or None for <>."""
-    if not msg.sender:
-        return None
-    import io
-
-    from masq import envelope
-    from masq.handoff import enqueue
-    stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
-    data = build(conf, msg, failed, stamp, delayed)
-    env = envelope.Envelope("", [msg.sender])
-    return enqueue(conf, io.BytesIO(data), env, {"proto": "local", "user": "MAILER-DAEMON"},
-                   queue=queue)
 

@@ -7,7 +7,7 @@ into $MASQ_CONF so that every program the chain runs reads the same file.
 
 A missing key takes its default from DEFAULTS (documented in masq.toml(5));
 the [smtpd] and [route.NAME] tables keep theirs beside the one program
-that reads them (masq.cmd.smtpd.SETTINGS, masq.smtpclient.Route).
+that reads them (masq.smtpdconfig.SETTINGS, masq.clientroute.Route).
 An unreadable or invalid file is an error, never a guess.
 
 tomllib costs more to import than a whole `sendmail` call may take, so the
@@ -37,6 +37,7 @@ DEFAULTS = {
     "local.users": "any",
     "local.mda_timeout": 3600,
     "local.recipient_delimiter": "+",
+    "local.deliver": "in-process",     # masq-send: local.deliver() in-process, or masq-local
     "queue.filters": [],
     "queue.archive_bcc": "",
     "queue.retry_min": 300,            # seconds before the first retry
@@ -185,7 +186,7 @@ class Config:
         checks = {
             "spool": str, "aliases": str, "log": str, "max_size": int,
             "local.mailbox": str, "local.path": str, "local.mda": str,
-            "local.users": str, "local_domains": list, "relay_domains": list,
+            "local.users": str, "local.deliver": str, "local_domains": list, "relay_domains": list,
             "queue.filters": list, "online.detect": str,
         }
         for key, kind in checks.items():
@@ -194,6 +195,7 @@ class Config:
                 raise ConfigError(f"{self.file}: {key} must be a {kind.__name__}")
         choices = {"local.mailbox": ("maildir", "mbox", "mda"),
                    "local.users": ("any", "system"),
+                   "local.deliver": ("in-process", "child"),
                    "online.detect": ("always", "file", "command")}
         for key, allowed in choices.items():
             if self.get(key) not in allowed:

@@ -1,4 +1,7 @@
-"""The filter step between incoming/ and active/ ([queue] filters).
+"""The filter step between incoming/ and active/ ([queue] filters), and promote().
+
+promote() is how a message gets from incoming/ to active/: under its
+lock, through the filters, if any.
 
 Each filter is a command line, run without a shell (split as a shell
 would), with the message on stdin and SENDER, RECIPIENTS (space-separated)
@@ -12,20 +15,58 @@ and QUEUE_ID in its environment.  Its exit status decides:
                         `masq-queue release` or `remove` decides (spamc -E
                         exits 1 for spam)
 
+These are program.classify's codes, an unknown one permanent as for an MDA.
 A filter that runs longer than FILTER_TIMEOUT_SECONDS is killed (temporary).
 The message goes to the filter through a temporary copy, so memory stays
 bounded whatever its size.
 """
 import os
 
+from masq import log, program, spool
+
 FILTER_TIMEOUT_SECONDS = 600
-TEMPORARY_CODES = {70, 71, 72, 73, 74, 75, 78, 111}
+
+
+def promote(conf, queue, ids=()):
+    """Run the filters, then move accepted messages from incoming/ to active/."""
+    moved = False
+    filters = conf.get("queue.filters")
+    incoming = queue.ids("incoming")
+    for qid in ([q for q in ids if q in incoming] if ids else incoming):
+        try:
+            msg = spool.Message(queue, "incoming", qid)
+        except FileNotFoundError:
+            continue
+        except spool.FormatError as e:
+            log.warn(f"{e}; run masq-queue check")
+            continue
+        if not msg.lock():
+            continue
+        try:
+            verdict, why = "pass", ""
+            if filters:
+                program.title(f"masq-send: filtering {msg.id}")
+                verdict, why = run(conf, msg)
+            if verdict == "pass":
+                msg.move("active", sync=False)
+                moved = True
+            elif verdict == "hold":
+                msg.move("hold")
+                log.event(msg.id, why, status="hold")
+            else:
+                log.event(msg.id, why, status="deferred")
+        except spool.SpoolError as e:
+            log.warn(str(e))
+        finally:
+            msg.unlock()
+    if moved:
+        queue.sync("active")
 
 
 def run(conf, msg):
     """Run every filter on msg (locked); return ("pass"|"defer"|"hold", why)."""
-    import shlex
-    import subprocess
+    import shlex           # only with filters: a queue run without them must not
+    import subprocess      # pay for importing these (see masq.child)
     import tempfile
     for command in conf.get("queue.filters") or []:
         env = dict(os.environ, SENDER=msg.sender, RECIPIENTS=" ".join(msg.recipients),
@@ -46,9 +87,10 @@ def run(conf, msg):
                 return "defer", f"filter {command} cannot run: {e}"
             said = p.stderr.decode("utf-8", "replace").strip().splitlines()
             why = f"filter {command}: exit {p.returncode}" + (f": {said[-1]}" if said else "")
-            if p.returncode < 0 or p.returncode in TEMPORARY_CODES:
+            temporary, _ = program.classify(p.returncode, unknown_temporary=False)
+            if temporary:
                 return "defer", why
-            if p.returncode != 0:
+            if temporary is False:
                 return "hold", why
             if out.tell():
                 out.seek(0)

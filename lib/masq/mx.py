@@ -1,7 +1,7 @@
 """Where mail for a domain goes: MX lookup with dnspython (RFC 5321 section 5.1).
 
 `lookup(domain, dns_servers=None)` returns the hosts to try, best first, as a
-list of `Host(name, preference, addresses)`:
+list of `MXHost(name, preference, addresses)`:
 
 - MX records in preference order, equal preferences shuffled (section 5.1:
   "the order should be randomized" among equals);
@@ -15,10 +15,8 @@ does not exist raise `MXError(..., temporary=False)`; a server failure or a
 timeout raises it with `temporary=True`.  `dns_servers` is a list of "ip" or
 "ip:port" ("[v6]:port" for IPv6 with a port); None uses the system resolver.
 
-dnspython is imported only on the path that needs it.
+dnspython (and random) are imported only on the path that needs them.
 """
-import random
-
 from masq import Error
 
 DNS_LIFETIME_SECONDS = 20       # a whole query, all servers and retries
@@ -30,19 +28,19 @@ class MXError(Error):
     code = 111
 
 
-class Host:
+class MXHost:
     """One host to try: its name, MX preference and addresses (strings)."""
 
     def __init__(self, name, preference, addresses):
         self.name, self.preference, self.addresses = name, preference, addresses
 
     def __repr__(self):
-        return f"Host({self.name!r}, {self.preference}, {self.addresses!r})"
+        return f"MXHost({self.name!r}, {self.preference}, {self.addresses!r})"
 
 
 def resolver(dns_servers=None):
     """A dnspython resolver asking `dns_servers`, or the system's."""
-    import dns.resolver
+    import dns.resolver     # costly: only when DNS is asked
     if not dns_servers:
         res = dns.resolver.Resolver()
     else:
@@ -68,6 +66,7 @@ def parse_server(text):
 
 def lookup(domain, dns_servers=None):
     """The hosts to try for `domain`, best first; raises MXError."""
+    import random       # these are costly, and only needed for a lookup
     import dns.exception
     import dns.rdatatype
     import dns.resolver
@@ -92,19 +91,19 @@ def lookup(domain, dns_servers=None):
         if not addresses:
             raise MXError(f"domain {domain} has no MX record and no address",
                           temporary=False)
-        return [Host(domain, 0, addresses)]
+        return [MXHost(domain, 0, addresses)]
     if len(records) == 1 and records[0][1] in ("", "."):
         raise MXError(f"domain {domain} accepts no mail (null MX, RFC 7505)",
                       temporary=False)
     records = [r for r in records if r[1] not in ("", ".")]
     random.shuffle(records)
     records.sort(key=lambda r: r[0])          # stable: equal preferences stay shuffled
-    return [Host(name, pref, addresses_of(res, name, soft=True)) for pref, name in records]
+    return [MXHost(name, pref, addresses_of(res, name, soft=True)) for pref, name in records]
 
 
 def addresses_of(res, name, soft=False):
     """A then AAAA addresses of `name`; with soft, DNS failures give []."""
-    import dns.exception
+    import dns.exception    # costly: only when DNS is asked
     import dns.resolver
     found = []
     for rtype in ("A", "AAAA"):

@@ -18,22 +18,22 @@ every recipient has its line; 100 for bad usage, 111 when it cannot start.
 """
 import sys
 
-from masq import Error, program
+from masq import Error, clientroute, config, nexthop, program, wiremessage
+from masq.outcome import DeliveryError
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = _quick(argv) or program.parse(__doc__, argv, usage_code=100)
-    from masq import config, smtpclient
     try:
         conf = config.load(args["-C"])
-        route = smtpclient.Route(conf, args["--route"])
+        route = clientroute.Route(conf, args["--route"])
     except Error as e:
         raise Error(str(e), code=111) from None
     sender, recipients = args["SENDER"], args["RECIPIENT"]
     qid = args["--id"]
     program.title(f"masq-smtp: {qid or ''} via {route.label}".replace("  ", " "))
-    message = smtpclient.Message(sys.stdin.buffer)
+    message = wiremessage.WireMessage(sys.stdin.buffer)
     results = [None] * len(recipients)
     if route.host or route.wrapper:
         groups = {None: list(range(len(recipients)))}
@@ -48,8 +48,8 @@ def main(argv=None):
                 results[i] = ("D", f"no domain in recipient address {recipients[i]}")
             continue
         try:
-            session = smtpclient.connect(conf, route, domain)
-        except smtpclient.DeliveryError as e:
+            session = nexthop.connect(conf, route, domain)
+        except DeliveryError as e:
             for i in indexes:
                 results[i] = (e.letter, e.text)
             continue

@@ -1,0 +1,252 @@
+"""One delivery attempt per message, and its outcome: what masq-send does to a message.
+
+An attempt locks the message, decides each recipient without a final
+outcome (masq.route), delivers the local ones at once (masq.deliverer),
+hands the others to the relay (masq.relay), then finishes: the outcomes
+are recorded in the spool before the next attempt is decided (masq-spool(5)
+S5), a recipient deferred for longer than queue.max_age, or waiting for a
+route longer than queue.max_age_offline, fails, the failed ones are bounced
+and the late ones warned about (the reports masq.bounce builds, queued
+here), and the message gets its next due time (backoff()).
+
+A Run is the attempts of one queue run; it keeps the ids of the bounces and
+warnings it queued, so that runq can send them in the same run.
+"""
+import io
+import os
+import time
+
+from masq import Error, bounce, deliverer, envelope, handoff, headers, log, program, route
+from masq import outcome, spool
+
+BUSY_RETRY_SECONDS = 60         # a message another process holds is due again after this
+BATCH_MESSAGES = 256            # messages held locked at once while routes deliver them
+BUSY = object()                 # Run.plan(): another process holds the message
+
+
+class Plan:
+    """One attempt at one message: its decisions, then its outcomes."""
+
+    def __init__(self, msg, now):
+        self.msg, self.now = msg, now
+        self.outcomes = []          # (word, index, text, relay)
+        self.waiting = []           # (index, reason)
+        self.remote = {}            # destination -> [index]
+        self.open = 0               # remote groups not answered yet
+
+    def add(self, indices, results, relay):
+        """Keep each recipient's (letter, text) answer as its spool word."""
+        for i, (letter, text) in zip(indices, results, strict=True):
+            word = outcome.WORDS.get(letter, outcome.WORDS[outcome.TEMPORARY])
+            self.outcomes.append((word, i, text, relay))
+
+
+class Run:
+    """The attempts of one queue run.
+
+    Local recipients are delivered in this thread, as soon as their message
+    is planned.  The route groups of up to BATCH_MESSAGES messages, still
+    locked, go to the relay, which sends them in its threads and calls back
+    in this one as each message's last group is answered: every outcome is
+    recorded by this thread, under the message's lock.
+    """
+
+    def __init__(self, conf, queue, up, relay, stopping=None):
+        self.conf, self.queue, self.up, self.relay = conf, queue, up, relay
+        self.stopping = stopping or (lambda: False)
+        self.local = deliverer.choose(conf)
+        self.needs_from = _needs_from(conf)
+        self.queued = []            # ids of the bounces and warnings queued, not yet taken
+
+    def run(self, messages):
+        """Try each message once; {qid: when it is due next, or None}."""
+        due, held = {}, []
+        for msg in messages:
+            if self.stopping():
+                break
+            try:
+                plan = self.plan(msg)
+                if plan is BUSY:        # another process has it now: look again later
+                    due[msg.id] = time.time() + BUSY_RETRY_SECONDS
+                elif plan is None:      # gone: delivered or removed meanwhile
+                    due[msg.id] = None
+                elif plan.remote:
+                    held.append(plan)
+                else:
+                    due[msg.id] = self.finish(plan)
+            except Error as e:
+                log.warn(f"{msg.id}: {e}")
+                due[msg.id] = time.time() + self.conf.get("queue.retry_min")
+            if len(held) >= BATCH_MESSAGES:
+                self.deliver_remote(held, due)
+                held = []
+        if held:
+            self.deliver_remote(held, due)
+        return due
+
+    def plan(self, msg):
+        """Lock, read and decide one message; local recipients are delivered now.
+
+        Returns BUSY when another process holds the message, None when it is gone.
+        """
+        if not msg.lock():
+            return BUSY if os.path.exists(msg.path) else None
+        try:
+            msg.reload()
+        except (FileNotFoundError, spool.FormatError):
+            msg.unlock()
+            return None
+        try:
+            program.title(f"masq-send: delivering {msg.id}")
+            plan = Plan(msg, time.time())
+            from_header = _from_header(msg) if self.needs_from else None
+            local = []
+            for i in msg.pending():
+                rcpt = msg.recipients[i]
+                d = route.decide(self.conf, rcpt, msg.sender, self.up, from_header, msg.size)
+                if d.kind == "local":
+                    local.append(i)
+                elif d.kind == "route":
+                    plan.remote.setdefault(self.relay.destination(d.route, rcpt), []).append(i)
+                elif d.kind == "wait":
+                    plan.waiting.append((i, d.reason))
+                else:
+                    plan.outcomes.append(("failed", i, d.reason, "none"))
+            if local:
+                plan.add(local, self.local.deliver(msg, [msg.recipients[i] for i in local]),
+                         "local")
+            return plan
+        except BaseException:
+            msg.unlock()
+            raise
+
+    def deliver_remote(self, plans, due):
+        """Send the route groups of these plans, finishing each message as it is done."""
+        def done(plan):
+            due[plan.msg.id] = self.finish_safely(plan)
+        self.relay.deliver(plans, done)
+
+    def finish_safely(self, plan):
+        """finish(), with an error warned about and the message due again later."""
+        try:
+            return self.finish(plan)
+        except Error as e:
+            log.warn(f"{plan.msg.id}: {e}")
+            return time.time() + self.conf.get("queue.retry_min")
+
+    def finish(self, plan):
+        """Record the outcomes of one attempt, bounce, unlock; the next due time."""
+        try:
+            return self._finish(plan)
+        finally:
+            plan.msg.unlock()
+
+    def _finish(self, plan):
+        conf, msg, now = self.conf, plan.msg, plan.now
+        age = now - msg.arrived
+        # queue.max_age counts from the first temporary failure, so that days spent
+        # waiting for a route to come up are not held against a route that is up
+        failing = now - (msg.first_deferred or now)
+        final = []
+        for word, i, text, relay in plan.outcomes:
+            if word == "deferred" and failing >= conf.get("queue.max_age"):
+                word, text = "failed", f"gave up after {failing / 86400:.1f} days: {text}"
+            final.append((word, i, text, relay))
+        still_waiting = []
+        for i, _reason in plan.waiting:
+            if age > conf.get("queue.max_age_offline"):
+                final.append(("failed", i, f"no route came online within "
+                              f"{age / 86400:.1f} days (4.4.1)", "none"))
+            else:
+                still_waiting.append(i)
+        answered = {i for _, i, _, _ in final}
+        untried = [i for i in msg.pending() if i not in answered and i not in still_waiting]
+        failed = [(msg.recipients[i], text) for word, i, text, _ in final if word == "failed"]
+        to_record = [(word, i, text) for word, i, text, _ in final]
+        if failed:
+            # the other outcomes first: if the bounce cannot be queued (a full
+            # disk), the recipients already delivered are not delivered again
+            others = [r for r in to_record if r[0] != "failed"]
+            if others:
+                msg.record(others)
+            to_record = [r for r in to_record if r[0] == "failed"]
+            self.bounce(msg, failed)
+        for word, i, text, relay in final:
+            status = {"done": "sent", "failed": "bounced", "deferred": "deferred"}[word]
+            log.event(msg.id, text, to=f"<{msg.recipients[i]}>", relay=relay,
+                      delay=f"{now - msg.arrived:.2f}", status=status)
+        left = [o for o in final if o[0] == "deferred"]
+        if not left and not still_waiting and not untried:
+            msg.remove()                # every recipient is done or bounced
+            return None
+        if to_record:
+            msg.record(to_record)
+        if left:
+            self.warn_if_late(msg, left, failing)
+            tries = max(msg.attempts.get(i, 0) for _, i, _, _ in left) + 1
+            return now + backoff(conf, tries)
+        if untried:
+            return time.time()
+        return now + conf.get("queue.interval")
+
+    def bounce(self, msg, failed):
+        """Report the failed recipients to the sender; a bounce itself is not bounced."""
+        qid = queue_report(self.conf, self.queue, msg, failed)
+        if qid:
+            self.queued.append(qid)
+            log.event(msg.id, f"{len(failed)} recipient(s) failed", bounce=qid, status="bounce")
+        else:
+            log.event(msg.id, "a bounce failed: not bounced again (RFC 5321 6.1)",
+                      status="dropped")
+
+    def warn_if_late(self, msg, left, failing):
+        """Tell the sender once that mail is late (queue.warn_after; 0: never)."""
+        after = self.conf.get("queue.warn_after")
+        if not after or msg.warned or failing < after or not msg.sender:
+            return
+        late = [(msg.recipients[i], text) for _, i, text, _ in left]
+        qid = queue_report(self.conf, self.queue, msg, late, delayed=True)
+        if qid:
+            self.queued.append(qid)
+        msg.note_warned()
+        log.event(msg.id, f"{len(late)} recipient(s) late", warning=qid, status="delayed")
+
+    def take_queued(self):
+        """The ids of the bounces and warnings queued since the last call."""
+        taken, self.queued = self.queued, []
+        return taken
+
+    def close(self):
+        self.relay.close()
+
+
+def backoff(conf, tries):
+    """Seconds to wait after the n-th failed attempt: doubling, capped."""
+    return min(conf.get("queue.retry_min") * 2 ** (max(tries, 1) - 1),
+               conf.get("queue.retry_max"))
+
+
+def queue_report(conf, queue, msg, failed, delayed=False):
+    """Queue a bounce (or a delay warning) for msg; return its id, or None for <>.
+
+    The report (masq.bounce) goes from <> to the sender, written into the
+    spool in this process as masq-queue would (handoff.enqueue).
+    """
+    if not msg.sender:
+        return None
+    stamp = f"{int(time.time() * 1e6):x}-{os.getpid():x}"
+    data = bounce.build(conf, msg, failed, stamp, delayed)
+    env = envelope.Envelope("", [msg.sender])
+    return handoff.enqueue(conf, io.BytesIO(data), env,
+                           {"proto": "local", "user": "MAILER-DAEMON"}, queue=queue)
+
+
+def _needs_from(conf):
+    return any(t.get("allowed_from_headers") or t.get("denied_from_headers")
+               for _, t in conf.routes)
+
+
+def _from_header(msg):
+    """The address in the message's From: header, or "" (headers.scan: bounded)."""
+    with msg.open_data() as data:
+        return headers.scan(data).address("from")

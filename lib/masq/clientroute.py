@@ -1,0 +1,128 @@
+"""What a [route.NAME] table says about the way out, for the SMTP/LMTP client.
+
+`Route(conf, name)` reads the table and its password file at once; `Route(conf)`
+(no name) holds the defaults of direct delivery to each domain's MX.  Any
+setting that cannot be used raises masq.Error (code 111, temporary): a
+configuration is fixed by people, then retried.  Keys, defaults and meaning:
+masq.toml(5), masq-smtp(8).
+
+`tls_context(route)` makes the ssl context the route's settings ask for; ssl
+is imported only then.
+"""
+import os
+
+from masq import Error
+
+PROTOCOLS = ("smtp", "lmtp")
+TLS_MODES = ("starttls", "tls", "none", "may")
+DEFAULT_TIMEOUTS = {"connect_timeout": 30, "greeting_timeout": 300,
+                    "command_timeout": 300, "data_timeout": 180,
+                    "data_done_timeout": 600, "quit_timeout": 60}
+MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")     # our preference, best first
+MAX_SECRET_BYTES = 4096
+
+
+class Route:
+    """A route's client settings; defaults for direct MX without a name."""
+
+    def __init__(self, conf, name=None):
+        table = {}
+        if name is not None:
+            table = dict(conf.routes).get(name)
+            if table is None:
+                raise config_error(f"no [route.{name}] in {conf.file}: "
+                                   f"add it or pass another --route")
+        self.name = name
+        where = f"[route.{name}]" if name else "direct delivery"
+        self.wrapper = table.get("wrapper") or None
+        host = table.get("host") or None
+        self.tls = table.get("tls") or ("starttls" if host and not self.wrapper else "may")
+        if self.tls not in TLS_MODES:
+            raise config_error(f"{conf.file}: {where}: tls must be one of "
+                               + ", ".join(f'"{m}"' for m in TLS_MODES))
+        self.host, self.port = None, table.get("port")
+        if host:
+            self.host, port = split_host(str(host))
+            self.port = port or self.port
+        if self.port is None:
+            self.port = 465 if self.tls == "tls" else 25
+        try:
+            self.port = int(self.port)
+        except (TypeError, ValueError):
+            raise config_error(f"{conf.file}: {where}: port must be a number") from None
+        verify = table.get("tls_verify")
+        # opportunistic TLS to an MX checks nothing unless asked (Postfix "may")
+        self.verify = bool(verify) if verify is not None else self.tls in ("starttls", "tls")
+        self.ca_file = conf.path(table["tls_ca_file"], is_value=True) \
+            if table.get("tls_ca_file") else None
+        self.protocol = (table.get("protocol") or "smtp").lower()
+        if self.protocol not in PROTOCOLS:
+            raise config_error(f'{conf.file}: {where}: protocol must be "smtp" or "lmtp"')
+        self.helo = table.get("helo") or conf.hostname
+        self.allow_auth_without_tls = bool(table.get("allow_auth_without_tls", False))
+        self.mechanisms = [m.upper() for m in table.get("auth_mechanisms") or MECHANISMS]
+        self.timeouts = {k: float(table.get(k, v)) for k, v in DEFAULT_TIMEOUTS.items()}
+        self.user = self.secret = None
+        auth = table.get("auth")
+        if auth:
+            if not isinstance(auth, dict) or not auth.get("user") \
+                    or not auth.get("password_file"):
+                raise config_error(f"{conf.file}: {where}: auth needs user and password_file")
+            if not self.host and not self.wrapper:
+                raise config_error(f"{conf.file}: {where}: auth needs a host or a wrapper: "
+                                   "the password would go to every recipient's MX")
+            self.user = str(auth["user"])
+            self.secret = read_secret(conf.path(auth["password_file"], is_value=True))
+
+    @property
+    def label(self):
+        return f"route {self.name}" if self.name else "direct delivery"
+
+
+def split_host(text):
+    """(host, port or None) from "host", "host:port", "[v6]:port"."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, int(port)
+    return text, None
+
+
+def read_secret(path):
+    """The first line of a password file that only its owner can read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise config_error(f"unable to read password file {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            raise config_error(f"password file {path} is readable by others "
+                               f"(mode {mode:04o}): chmod 600 {path}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            line = f.readline(MAX_SECRET_BYTES)
+    finally:
+        os.close(fd)
+    return line.rstrip(b"\r\n")
+
+
+def tls_context(route):
+    """An ssl context for this route: verified unless tls_verify is false."""
+    import ssl      # costly, and only needed once a connection is made
+    if route.verify:
+        try:
+            return ssl.create_default_context(cafile=route.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise config_error(f"unable to load tls_ca_file {route.ca_file}: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def config_error(text):
+    """The error for a route setting that cannot be used: retry once it is fixed."""
+    return Error(text, code=111, temporary=True)

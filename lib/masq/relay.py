@@ -1,0 +1,297 @@
+"""The relay side of masq-send: route groups sent by SMTP, over reused connections.
+
+Recipients for a route are grouped by destination -- (route, None) for a
+smarthost or wrapper, (route, domain) for direct MX delivery -- and each
+destination's messages go, in order, over one connection made by
+masq.nexthop, in one of up to queue.parallel threads.  Connections stay
+open until close(), at the end of the queue run; one lost under a message
+defers that message (sent again at once it could arrive twice), and
+LOST_SESSIONS_LIMIT lost in a row make the destination down.
+
+A destination that is down is not tried again in this run, nor in later
+ones until its back-off ends; the host status store (masq.hoststat) keeps
+that between runs, written once per destination, not per message.
+"""
+import os
+import time
+
+from masq import Error, address, attempt, headers, hoststat, log, program, route, spool
+
+LOST_SESSIONS_LIMIT = 2         # connections lost in a row before a destination is down
+
+
+class Relay:
+    """The connections and destination states of one queue run."""
+
+    def __init__(self, conf, queue, runq=False, stopping=None):
+        self.conf, self.queue, self.runq = conf, queue, runq
+        self.stopping = stopping or (lambda: False)
+        self.sessions = {}          # destination -> an idle smtpclient.ClientSession
+        self.down = {}              # destination -> (since, letter, text)
+        self.lost = {}              # destination -> connections lost in a row
+        self.noted = {}             # destination -> (status, text) to store
+        self.routes = {}            # name -> clientroute.Route, or the Error it raised
+        self.parallel = max(1, int(conf.get("queue.parallel") or 1))
+        self.hosts = None           # the HostStat, opened on first use
+        self.aborted = False        # deliver() failed: workers stop taking messages
+
+    def destination(self, name, rcpt):
+        """(route, None) for a smarthost or wrapper, (route, domain) for MX delivery."""
+        table = route.route_table(self.conf, name)
+        if table.get("host") or table.get("wrapper"):
+            return (name, None)
+        return (name, address.domain_of(rcpt).lower())
+
+    def deliver(self, plans, done):
+        """Send the route groups of these plans (attempt.Plan); done(plan) in this
+        thread as each plan has all its answers, or is given up unanswered."""
+        import queue as queues     # threads only for mail that leaves: runq to a maildir
+        import threading           # must not pay for importing them
+        jobs = {}
+        for plan in plans:
+            plan.open = len(plan.remote)
+            for dest, indices in plan.remote.items():
+                jobs.setdefault(dest, []).append((plan, indices))
+        work, answers, threads = queues.SimpleQueue(), queues.SimpleQueue(), []
+
+        def take(answer):
+            """Apply one worker's answer; False when that worker has ended."""
+            if answer is None:
+                return False
+            if answer[0] == "host":
+                self.note_host(*answer[1:])
+                if answer[2] != "up":
+                    self.save_hosts()           # other runs must know at once
+                return True
+            _, plan, dest, indices, results = answer
+            if results is not None:
+                plan.add(indices, results, dest[0])
+            plan.open -= 1
+            if plan.open == 0:
+                done(plan)
+            return True
+
+        try:
+            self.check_hosts(jobs)
+            for item in jobs.items():
+                work.put(item)
+            for _ in range(min(self.parallel, len(jobs))):
+                threads.append(threading.Thread(target=self._worker, args=(work, answers),
+                                                daemon=True))
+                threads[-1].start()
+            running = len(threads)
+            while running:
+                running -= not take(answers.get())
+        finally:
+            # after an error here: no worker may still be sending a message
+            # that is finished (recorded, unlocked) below
+            self.aborted = True
+            for thread in threads:
+                thread.join()
+            self.aborted = False
+            while not answers.empty():
+                take(answers.get())
+            for plan in plans:
+                if plan.open > 0:       # not answered: recorded as tried so far, unlocked
+                    plan.open = 0
+                    done(plan)
+            self.save_hosts()
+
+    def _worker(self, work, answers):
+        """Take destinations until none is left; answer each group on `answers`."""
+        import queue as queues     # as in deliver()
+        try:
+            while True:
+                try:
+                    dest, items = work.get_nowait()
+                except queues.Empty:
+                    return
+                for plan, indices in items:
+                    if self.stopping() or self.aborted:
+                        results = None          # not tried: nothing is recorded
+                    else:
+                        program.title(f"masq-send: delivering {plan.msg.id} via {dest[0]}")
+                        try:
+                            results = self.send(dest, plan.msg, indices, answers)
+                        except Exception as e:  # noqa: BLE001 -- a bug defers, never loses
+                            import traceback   # only on a bug
+                            traceback.print_exc()
+                            results = [("Z", f"internal error in masq-send: {e!r}")] \
+                                * len(indices)
+                    answers.put(("group", plan, dest, indices, results))
+        finally:
+            answers.put(None)
+
+    def send(self, dest, msg, indices, answers):
+        """One message's recipients for one destination; [(letter, text)]."""
+        from masq import nexthop, outcome  # ssl, socket, DNS: only when mail leaves
+        name, domain = dest
+        rcpts = [msg.recipients[i] for i in indices]
+        down = self.down.get(dest)
+        if down:
+            since, letter, text = down
+            return [(letter, f"{_label(self.conf, dest)}: not tried, failed "
+                     f"{time.time() - since:.0f} s ago: {text}")] * len(rcpts)
+        smtp_route = self.routes[name]
+        table = route.route_table(self.conf, name)
+        sender = route.rewrite(table, msg.sender) if msg.sender else msg.sender
+        session = self.sessions.pop(dest, None)
+        if session is None:
+            try:
+                session = nexthop.connect(self.conf, smtp_route, domain)
+            except outcome.DeliveryError as e:
+                self.down[dest] = (time.time(), e.letter, e.text)
+                answers.put(("host", dest, "down" if e.letter == "Z" else "refused", e.text))
+                return [(e.letter, e.text)] * len(rcpts)
+            except Error as e:          # the route cannot work as configured
+                self.down[dest] = (time.time(), "Z", str(e))
+                return [("Z", str(e))] * len(rcpts)
+        with _Data(msg, table) as data:
+            results = session.send(sender, rcpts, data)
+        if session.usable:
+            self.lost.pop(dest, None)
+            answers.put(("host", dest, "up", results[-1][1]))
+            if table.get("reuse_connection", True):
+                self.sessions[dest] = session
+            else:
+                session.close()
+            return results
+        # the connection broke under this message: it is deferred (sent again
+        # at once it could arrive twice), the next one gets a new connection
+        session.close()
+        self.lost[dest] = self.lost.get(dest, 0) + 1
+        if self.lost[dest] >= LOST_SESSIONS_LIMIT:
+            self.down[dest] = (time.time(), "Z", results[0][1])
+            answers.put(("host", dest, "down", results[0][1]))
+        return results
+
+    def check_hosts(self, jobs):
+        """Mark destinations down as the host status store says; make the routes."""
+        from masq import clientroute   # as in send()
+        now = time.time()
+        for dest in jobs:
+            name = dest[0]
+            if name not in self.routes:
+                try:
+                    self.routes[name] = clientroute.Route(self.conf, name)
+                except Error as e:
+                    self.routes[name] = e
+            if isinstance(self.routes[name], Error):
+                self.down[dest] = (now, "Z", str(self.routes[name]))
+                continue
+            if dest in self.down:
+                continue
+            host = self.host_status(dest)
+            if host is None or host.status != "down":
+                continue
+            until = host.updated + attempt.backoff(self.conf, host.failures)
+            if self.runq:
+                until = min(until, host.updated + self.conf.get("queue.hoststat_timeout"))
+            if now < until:
+                self.down[dest] = (host.updated, "Z", host.text)
+
+    def host_status(self, dest):
+        try:
+            return self._store().get(dest[0], _label(self.conf, dest))
+        except hoststat.HostStatError as e:
+            log.warn(str(e))
+            return None
+
+    def note_host(self, dest, status, text):
+        """Keep a destination's last status; save_hosts() stores it."""
+        if status == "up" and self.noted.get(dest, ("",))[0] == "down":
+            return                  # down in this run stays down
+        self.noted[dest] = (status, text)
+
+    def save_hosts(self):
+        """Write the statuses noted (one write per destination, not per message)."""
+        noted, self.noted = self.noted, {}
+        for dest, (status, text) in noted.items():
+            try:
+                self._store().record(dest[0], _label(self.conf, dest), status, text)
+            except hoststat.HostStatError as e:
+                log.warn(str(e))
+                return
+
+    def _store(self):
+        if self.hosts is None:
+            self.hosts = hoststat.HostStat(self.queue.path)
+        return self.hosts
+
+    def close(self):
+        """QUIT every connection still open; close the host status store."""
+        for session in self.sessions.values():
+            session.close()
+        self.sessions = {}
+        if self.hosts is not None:
+            self.hosts.close()
+
+
+def _label(conf, dest):
+    """The host column of the status store: "host:port", "wrapper" or the domain."""
+    name, domain = dest
+    if domain:
+        return domain
+    table = route.route_table(conf, name)
+    if table.get("wrapper"):
+        return "wrapper"
+    host = str(table.get("host"))
+    if table.get("port") and not host.endswith("]") and ":" not in host:
+        host += f":{table['port']}"
+    return host
+
+
+class _Data:
+    """A message's bytes as stored, seekable, for smtpclient.ClientSession.send.
+
+    With the route's rewrite_sender, the header section is read (by
+    headers.scan) and its From:, Sender: and Reply-To: rewritten; this copy
+    only: the spool file is never changed.
+    """
+
+    def __init__(self, msg, table):
+        self.fd = os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.start, self.size, self.head = spool.HEADER_BYTES, msg.size, b""
+        if table.get("rewrite_sender"):
+            with msg.open_data() as data:
+                section = headers.scan(data)
+            self.head = route.rewrite_headers(table, section)
+            self.start, self.size = self.start + section.size, self.size - section.size
+        self.length = len(self.head) + self.size
+        self.pos = 0
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.length + pos)
+        return self.pos
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            n = self.length - self.pos
+        out = b""
+        if self.pos < len(self.head):
+            out = self.head[self.pos:self.pos + n]
+            self.pos += len(out)
+            n -= len(out)
+        offset = self.pos - len(self.head)
+        if n > 0 and offset < self.size:
+            data = os.pread(self.fd, min(n, self.size - offset), self.start + offset)
+            self.pos += len(data)
+            out += data
+        return out
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,85 @@
+"""A message as the SMTP client sends it: its wire size, its needs, its bytes.
+
+`WireMessage(stream)` takes a binary stream holding the message from its
+current position to its end, with LF line ends as stored in the spool.  A
+seekable stream is read twice (once here, once for each send); any other is
+copied first, in memory while small, else to a temporary file.  The first
+read finds what MAIL FROM declares and needs:
+
+- `size`: bytes on the wire with CRLF line ends, before dot-stuffing (the
+  SIZE parameter, RFC 1870);
+- `eightbit`: a byte above 127 anywhere (BODY=8BITMIME, RFC 6152);
+- `utf8_addresses`: non-ASCII in an address header (SMTPUTF8, RFC 6531),
+  found with masq.headers.scan, the one reader of a header section.
+
+`chunks()` yields the message with CRLF line ends and dot-stuffed (RFC 5321
+section 4.5.2), ending with the CRLF.CRLF that ends DATA.
+"""
+import io
+
+from masq import headers
+
+WRITE_CHUNK_BYTES = 65536
+MAX_MEMORY_COPY_BYTES = 1 << 20     # a message from a pipe larger than this goes to disk
+ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc",
+                   "resent-from", "resent-sender", "resent-to", "resent-cc",
+                   "resent-bcc", "return-path", "disposition-notification-to")
+
+
+class WireMessage:
+    """A message to send: a seekable file, its wire size and what it needs."""
+
+    def __init__(self, stream):
+        try:
+            seekable = stream.seekable()
+        except (AttributeError, OSError, ValueError):
+            seekable = False
+        if seekable:
+            self.file, self.start = stream, stream.tell()
+        else:
+            self.file, self.start = _copy(stream), 0
+        self.size = 0               # bytes on the wire (CRLF), before dot-stuffing
+        self.eightbit = False
+        self.utf8_addresses = False     # address headers with non-ASCII
+        self._scan()
+
+    def _scan(self):
+        """Size and 8-bit bytes in one pass; non-ASCII in address headers."""
+        self.file.seek(self.start)
+        section = headers.scan(self.file)
+        self.utf8_addresses = any(name in ADDRESS_HEADERS and not raw.isascii()
+                                  for name, raw in section.fields)
+        self.file.seek(self.start)
+        while chunk := self.file.read(WRITE_CHUNK_BYTES):
+            self.size += len(chunk) + chunk.count(b"\n")
+            if not self.eightbit and not chunk.isascii():
+                self.eightbit = True
+
+    def chunks(self):
+        """The message as CRLF lines, dot-stuffed, ending with CRLF.CRLF."""
+        self.file.seek(self.start)
+        at_line_start, empty = True, True
+        while chunk := self.file.read(WRITE_CHUNK_BYTES):
+            empty = False
+            if at_line_start and chunk.startswith(b"."):
+                chunk = b"." + chunk
+            at_line_start = chunk.endswith(b"\n")
+            yield chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        yield b".\r\n" if at_line_start or empty else b"\r\n.\r\n"
+
+
+def _copy(stream):
+    """A seekable copy of a pipe: in memory while small, else a temporary file."""
+    copy = io.BytesIO()
+    while chunk := stream.read(WRITE_CHUNK_BYTES):
+        copy.write(chunk)
+        if copy.tell() > MAX_MEMORY_COPY_BYTES:
+            import tempfile     # costly, and only for a large message from a pipe
+            spill = tempfile.TemporaryFile()
+            spill.write(copy.getbuffer())
+            copy = None
+            while chunk := stream.read(WRITE_CHUNK_BYTES):
+                spill.write(chunk)
+            spill.flush()
+            return spill
+    return copy
