@@ -6,12 +6,11 @@ kill reaches whatever it started), the message written without ever
 blocking past the deadline, and on a timeout the whole group killed.  What
 its exit status means is masq.program.classify's job.
 
-subprocess and selectors are imported where they are used: subprocess
-brings re, enum and locale (several ms), and a maildir delivery or a
+subprocess, selectors and signal are imported where they are used: they
+bring re, enum and locale (several ms), and a maildir delivery or a
 sendmail call that never starts a child must not pay for them.
 """
 import os
-import signal
 import time
 
 COPY_BYTES = 65536
@@ -65,6 +64,7 @@ def feed(child, reader, deadline):
 
 def kill(child):
     """Kill a program and everything it started, and reap it."""
+    import signal
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except OSError:

@@ -7,7 +7,6 @@ full name, as an RFC 2047 phrase if it needs one); Bcc and Return-Path are
 dropped by the caller (masq-inject); rmail's UUCP "From " lines give the
 sender.  Errors are sysexits: 65 for a bad address.
 """
-import binascii
 import os
 import pwd
 import time
@@ -127,6 +126,7 @@ _ATOM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 def _phrase(name):
     """A display name as atoms, a quoted string, or RFC 2047 encoded words."""
     if not name.isascii():
+        import binascii     # only a non-ASCII full name needs it
         raw = name.encode("utf-8", "surrogateescape")
         words, start = [], 0
         while start < len(raw):
