@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 DEBS := mandoc procmail ucspi-tcp swaks socat dnsmasq-base systemd openssl
 
-.PHONY: run test lint deps install compile clean bench
+.PHONY: run test lint deps install install-system compile clean bench
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,6 +26,20 @@ compile: $(VENV)/.installed
 	@$(PY) -m compileall -q lib
 
 install: $(VENV)/.installed
+
+# masq for the whole machine (masq-setup(8), `system`): a venv of the system's
+# python3, outside any home folder, readable by every user; then, as root,
+# $(PREFIX)/bin/masq-setup system PROFILE ...
+PREFIX ?= /opt/masq
+SYSTEM_PYTHON ?= /usr/bin/python3
+install-system:
+	@$(SYSTEM_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "masq needs Python 3.11 or newer as $(SYSTEM_PYTHON)"; exit 1; }
+	umask 022 && $(SYSTEM_PYTHON) -m venv $(PREFIX)
+	umask 022 && $(PREFIX)/bin/python -m pip install -q .
+	umask 022 && $(PREFIX)/bin/python -m masq.launchers
+	$(PREFIX)/bin/python -m compileall -q $$($(PREFIX)/bin/python -c 'import masq, os; print(os.path.dirname(masq.__file__))')
+	@echo "masq is in $(PREFIX)/bin; as root: $(PREFIX)/bin/masq-setup system local-only"
 
 # pip rewrites the launchers: give them their -IS line again (masq.launchers)
 $(VENV)/.test-deps: $(PY) setup.cfg

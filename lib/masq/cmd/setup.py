@@ -6,15 +6,31 @@ Usage:
   masq-setup direct DIR [--hostname NAME] [--mailbox KIND]
   masq-setup lan-server DIR --lan CIDR... [--hostname NAME] [--mailbox KIND]
   masq-setup passwd DIR USER
+  masq-setup system local-only [--hostname NAME] [--mailbox KIND] [--admin USER]
+             [--force] [--enable]
+  masq-setup system smarthost --relay HOST:PORT [--user NAME] [--hostname NAME]
+             [--mailbox KIND] [--admin USER] [--force] [--enable]
+  masq-setup system direct [--hostname NAME] [--mailbox KIND] [--admin USER]
+             [--force] [--enable]
+  masq-setup system lan-server --lan CIDR... [--hostname NAME] [--mailbox KIND]
+             [--admin USER] [--force] [--enable]
+  masq-setup system --uninstall
   masq-setup -h | --help
 
 Options:
   --hostname NAME    The host's mail name [default: the host's name].
-  --mailbox KIND     maildir, mbox or mda [default: maildir].
+  --mailbox KIND     maildir, mbox or mda (default: maildir); for system,
+                     mbox (/var/mail/USER, the default) or maildir (~/Maildir/).
   --relay HOST:PORT  The smarthost (port 465: implicit TLS, else STARTTLS).
   --user NAME        Log in to the smarthost as NAME; the password is the
                      first line of stdin, kept in DIR/smarthost.secret.
   --lan CIDR         A network whose hosts may relay through this one.
+  --admin USER       Who gets the mail of postmaster and root when there is
+                     no /etc/aliases yet (default: $SUDO_USER).
+  --force            Replace another MTA's links and units, keeping them for
+                     --uninstall.
+  --enable           Enable and start masq-send.service and masq-smtpd.socket.
+  --uninstall        Undo what `masq-setup system` did.
   -h --help          Show this.
 
 Writes DIR/masq.toml, DIR/aliases, DIR/spool/, DIR/mail/ and DIR/bin/ with
@@ -26,6 +42,11 @@ it is.
 `passwd` adds USER to the password file of masq-smtpd's AUTH ([smtpd]
 passwords in DIR/masq.toml, default DIR/passwd), or replaces its password:
 the password is the first line of stdin, stored only as a salted hash.
+
+`system`, run as root, makes masq the machine's MTA: the user masq,
+/etc/masq/masq.toml, /var/spool/masq, the links /usr/sbin/sendmail,
+/usr/lib/sendmail, /usr/bin/mailq, /usr/bin/newaliases and /usr/bin/runq,
+and systemd units; `system --uninstall` undoes it (masq-setup(8)).
 """
 import getpass
 import ipaddress
@@ -102,6 +123,32 @@ abuse: postmaster
 {root}"""
 
 
+SYSTEM = """\
+# masq configuration for {profile}, masq as the machine's MTA (masq.toml(5));
+# written by masq-setup system (masq-setup(8)).
+hostname = "{hostname}"
+user = "masq"
+spool = "/var/spool/masq"
+local_domains = ["localhost", "{hostname}"]
+aliases = "/etc/aliases"
+log = "/var/log/masq/masq.log"
+max_size = 52428800
+
+[local]
+mailbox = "{mailbox}"
+path = "{path}"
+mda = "procmail -d {{user}}"
+users = "system"
+# aliases' own |command and /file targets run as this user
+default_privs = "nobody"
+
+[online]
+detect = "always"
+"""
+
+SYSTEM_MAILBOXES = {"mbox": "/var/mail/{user}", "maildir": "{home}/Maildir/"}
+
+
 class UsageError(Error):
     code = Exit.USAGE
     temporary = False
@@ -109,16 +156,16 @@ class UsageError(Error):
 
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
+    if args["system"]:
+        return system(args)
     folder = os.path.abspath(args["DIR"])
     if args["passwd"]:
         return set_password(folder, args["USER"])
     profile = next(p for p in PROFILES if args[p])
-    mailbox = args["--mailbox"]
+    mailbox = args["--mailbox"] or "maildir"
     if mailbox not in ("maildir", "mbox", "mda"):
         raise UsageError("--mailbox must be maildir, mbox or mda")
-    hostname = args["--hostname"]
-    if hostname == "the host's name":
-        hostname = os.uname().nodename
+    hostname = _hostname(args)
     extra = profile_text(profile, folder, args)
     password = _password() if args["--user"] else None
     user = _user()
@@ -131,6 +178,78 @@ def main(argv=None):
     print(f"masq-setup: wrote {folder} ({profile}); send with {folder}/bin/sendmail, "
           f"mail lands in {folder}/mail/")
     return Exit.OK
+
+
+def system(args):
+    """masq-setup system: masq as the machine's MTA (masq.install does the work)."""
+    from masq import install
+    if args["--uninstall"]:
+        install.require_root()
+        for line in install.uninstall():
+            print(f"masq-setup: {line}")
+        return Exit.OK
+    profile = next(p for p in PROFILES if args[p])
+    mailbox = args["--mailbox"] or "mbox"
+    if mailbox not in SYSTEM_MAILBOXES:
+        raise UsageError("--mailbox must be mbox or maildir for system; an MDA: "
+                         "set [local] mailbox = \"mda\" in /etc/masq/masq.toml")
+    hostname = _hostname(args)
+    extra = profile_text(profile, install.CONF_DIR, args)
+    install.require_root()
+    password = _password() if args["--user"] else None
+    aliases = None
+    if not os.path.exists(install.ALIASES):
+        admin = _admin(args["--admin"])
+        aliases = ALIASES.format(user=admin, root=f"root: {admin}\n")
+    conf = SYSTEM.format(profile=profile, hostname=hostname, mailbox=mailbox,
+                         path=SYSTEM_MAILBOXES[mailbox]) + extra
+    plan = install.Plan(os.path.dirname(os.path.abspath(sys.argv[0])), conf, aliases,
+                        secret=password, force=args["--force"], enable=args["--enable"])
+    try:
+        report = install.install(plan)
+    except OSError as e:
+        raise Error(f"unable to write {e.filename}: {e.strerror}; what was made so far is "
+                    "undone by masq-setup system --uninstall", code=Exit.CANTCREAT) from None
+    if aliases is None and not _has_root_alias(install.ALIASES):
+        report.append(f"warning: {install.ALIASES} has no alias for root: masq delivers "
+                      "nothing as root, add `root: USER` and run newaliases")
+    for line in report:
+        print(f"masq-setup: {line}")
+    where = "/var/mail/USER" if mailbox == "mbox" else "~USER/Maildir/"
+    print(f"masq-setup: masq is the MTA ({profile}); mail for local users lands in {where}")
+    return Exit.OK
+
+
+def _has_root_alias(path):
+    """Whether an aliases file sends root's mail somewhere (a `root:` line)."""
+    try:
+        with open(path, "rb") as f:
+            return any(line.split(b":", 1)[0].strip().lower() == b"root" for line in f)
+    except OSError:
+        return False
+
+
+def _admin(name):
+    """The user who reads postmaster's and root's mail: --admin, else $SUDO_USER."""
+    name = name or os.environ.get("SUDO_USER")
+    if not name or name == "root":
+        raise UsageError("there is no /etc/aliases yet: name the user who reads the mail "
+                         "of postmaster and root with --admin USER")
+    if "@" not in name:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise UsageError(f"--admin {name}: no such user") from None
+    if any(c in name for c in ' ,:"\\\n'):
+        raise UsageError(f"--admin {name}: not a user name or address")
+    return name
+
+
+def _hostname(args):
+    hostname = args["--hostname"]
+    if hostname == "the host's name":
+        hostname = os.uname().nodename
+    return hostname
 
 
 def profile_text(profile, folder, args):
@@ -213,8 +332,26 @@ def set_password(folder, user):
     except OSError as e:
         raise Error(f"unable to write {e.filename or path}: {e.strerror}",
                     code=Exit.CANTCREAT) from None
+    _share_with_masq_user(folder, path)
     print(f"masq-setup: wrote the password of {user} into {path}")
     return Exit.OK
+
+
+def _share_with_masq_user(folder, path):
+    """In system mode masq-smtpd runs as the masq user: the file becomes root:masq 0640."""
+    conf_file = os.path.join(folder, "masq.toml")
+    if os.geteuid() != 0 or not os.path.exists(conf_file):
+        return
+    name = config.load(conf_file).get("user")
+    if isinstance(name, str) and name:
+        import grp
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise Error(f"{conf_file}: user = \"{name}\", and there is no such group",
+                        code=Exit.CONFIG) from None
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o640)
 
 
 def password_file(folder):
