@@ -126,6 +126,24 @@ def fresh_bytecode():
     compileall.compile_dir(lib, quiet=1)
 
 
+def listen_trigger(spool):
+    """Open the spool's trigger FIFO for reading, as a masq-send daemon does: with a
+    reader there, sendmail -odb and masq-smtpd only wake it and start no queue run."""
+    return os.open(os.path.join(spool, "trigger"), os.O_RDONLY | os.O_NONBLOCK)
+
+
+@pytest.fixture
+def daemon_listens(masq):
+    """A reader on the trigger standing in for a daemon: each message stays queued for
+    the test to see.  Yields the descriptor (a test may close it: no daemon then)."""
+    fd = listen_trigger(masq.spool)
+    yield fd
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 @pytest.fixture
 def servers():
     """Servers a test starts (each with a stop()); all stopped after it."""

@@ -92,3 +92,14 @@ def test_sendmail_bh_and_bH(masq):
 def test_hoststat_and_purgestat_take_no_addresses(masq, name):
     r = run([masq.bin(name), "someone@example.org"], env=clean_env())
     assert r.rc == 64 and b"takes no addresses" in r.err
+
+
+def test_issue9_forget_drops_one_route_only(tmp_path):
+    store = hoststat.HostStat(str(tmp_path))
+    store.record("isp", "h:25", "down", "421 busy")
+    store.record("isp", "b.example", "refused", "554 no")
+    store.record("lan", "h:25", "down", "421 busy")
+    assert store.forget("isp") == 2 and store.forget("nosuch") == 0
+    assert [(h.route, h.host) for h in store.list()] == [("lan", "h:25")]
+    store.close()
+    assert hoststat.HostStat(str(tmp_path / "none")).forget("isp") == 0

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import clean_env, run
+from conftest import clean_env, listen_trigger, run
 
 MESSAGE = b"Subject: hello\nTo: bob@localhost\n\nbody line\n"
 
@@ -369,7 +369,7 @@ def test_odb_without_daemon_delivers_in_the_background(masq):
 
 
 def test_odb_with_a_daemon_only_wakes_it(masq):
-    fifo = os.open(os.path.join(masq.spool, "trigger"), os.O_RDONLY | os.O_NONBLOCK)
+    fifo = listen_trigger(masq.spool)
     try:
         r = sendmail(masq, ["-v", "-odb", "bob@localhost"]).ok()
         assert b"the masq-send daemon was woken" in r.err, r

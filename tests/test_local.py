@@ -365,7 +365,8 @@ def test_two_recipients_of_one_mailbox_get_one_copy(masq):
 def test_remote_alias_target_is_forwarded_through_the_queue(masq):
     aliases(masq, "friend: far@Remote.Example, bob, other@test.example, "
                   "second@elsewhere.example\n")
-    out = lines(local(masq, "", "friend@localhost"))
+    message = MESSAGE.replace(b"\0", b"")   # the queue refuses NUL bytes (issue 9)
+    out = lines(local(masq, "", "friend@localhost", message=message))
     assert out[0].startswith("K forwarded to far@remote.example, second@elsewhere.example as ")
     assert "; delivered to maildir " in out[0]
     ids = masq.queue_ids()
@@ -376,7 +377,7 @@ def test_remote_alias_target_is_forwarded_through_the_queue(masq):
     assert b"rcpt far@remote.example" in meta and b"rcpt second@elsewhere.example" in meta
     assert b"proto local" in meta and b"for friend@localhost" in meta
     assert data.startswith(b"Received: by test.example")
-    assert b"\nDelivered-To: friend@localhost\n" + MESSAGE in data
+    assert b"\nDelivered-To: friend@localhost\n" + message in data
     assert b"Return-Path" not in data
     assert len(maildir_messages(masq, "bob")) == 1
     assert len(maildir_messages(masq, "other")) == 1

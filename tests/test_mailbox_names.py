@@ -92,3 +92,23 @@ def test_issue7_smtpd_refuses_a_dot_lock_name_at_rcpt_when_masq_local_would(masq
                            "RCPT TO:<bob@localhost>"])
     rcpt = [r for r in replies if r[:3] in ("250", "550")][-2:]
     assert [r[:9] for r in rcpt] == ["550 5.1.1", "250 2.1.5"], replies
+
+
+def test_smtpd_takes_an_include_alias_at_rcpt_without_reading_the_file(masq):
+    """The file is its owner's, read as them at delivery: a missing one or a FIFO
+    must neither end the session (421) nor hang it."""
+    fifo = os.path.join(masq.dir, "fifo")
+    os.mkfifo(fifo)
+    with open(os.path.join(masq.dir, "aliases"), "a") as f:
+        f.write(f"gone: :include:/nonexistent/list\nstuck: :include:{fifo}\n")
+    replies = smtpd(masq, ["MAIL FROM:<a@client.example>", "RCPT TO:<gone@localhost>",
+                           "RCPT TO:<stuck@localhost>", "RCPT TO:<bob@localhost>"])
+    rcpt = [r for r in replies if r[:3] in ("250", "421", "550")][-3:]
+    assert [r[:9] for r in rcpt] == ["250 2.1.5"] * 3, replies
+
+
+def test_a_detail_that_could_not_be_a_path_component_is_refused(masq):
+    replies = smtpd(masq, ["MAIL FROM:<a@client.example>", "RCPT TO:<bob+/x@localhost>",
+                           "RCPT TO:<bob+x@localhost>"])
+    rcpt = [r for r in replies if r[:3] in ("250", "550")][-2:]
+    assert [r[:9] for r in rcpt] == ["550 5.1.1", "250 2.1.5"], replies

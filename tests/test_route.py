@@ -130,3 +130,31 @@ def test_address_literal_patterns_match_themselves(masq):
                     'allowed_recipients = ["*"]\ndenied_recipients = ["*@[192.0.2.1]"]\n')
     assert b"bounce: no route may carry" in route(masq, "x@[192.0.2.1]").out
     assert b"route lan" in route(masq, "x@2").ok().out
+
+
+FALL_THROUGH = """
+[route.primary]
+host = "127.0.0.1:1"
+{extra}
+[route.backup]
+host = "127.0.0.1:2"
+"""
+
+
+@pytest.mark.parametrize("extra, then", [
+    ("", b"; if deferred, route backup, via 127.0.0.1:2"),
+    ("last_route = true", b""),
+])
+def test_issue9_the_routes_tried_in_turn_end_at_last_route(masq, extra, then):
+    masq.config(FALL_THROUGH.format(extra=extra))
+    r = route(masq, "x@remote.example").ok()
+    assert r.out == b"x@remote.example: route primary, via 127.0.0.1:1" + then + b"\n"
+
+
+def test_issue9_a_route_that_is_down_is_not_in_the_order(masq):
+    masq.set_config(open(masq.conf).read().replace('detect = "always"', 'detect = "file"')
+                    + FALL_THROUGH.format(extra=""))
+    with open(f"{masq.dir}/online", "w") as f:
+        f.write("backup")
+    assert route(masq, "x@remote.example").ok().out == \
+        b"x@remote.example: route backup, via 127.0.0.1:2\n"

@@ -12,7 +12,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import BIN, Masq, clean_env, enqueue, run
+from conftest import BIN, Masq, clean_env, enqueue, listen_trigger, run
 from smtp_helpers import AioServer, Recorder, Sink, authenticator, tls_contexts, top_config
 from test_smtp_client import dns  # noqa: F401 -- the dnsmasq fixture
 
@@ -143,6 +143,7 @@ def plain_route(masq, port, **keys):
 
 def test_4xx_greeting_defers_shows_in_mailq_and_hoststat_and_backs_off(masq, sinks):
     sink = sinks(greeting=b"421 4.3.2 too busy, come back later")
+    masq.config("[queue]\nhoststat_timeout = 1800")    # runq too believes it, however slow
     plain_route(masq, sink.port)
     enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
     masq.run(["masq-send", "--once"]).ok()
@@ -316,6 +317,7 @@ def test_deliveries_to_two_slow_destinations_overlap_up_to_queue_parallel(masq, 
 
 def test_two_masq_instances_by_mx_from_dnsmasq(masq, tmp_path, dns):  # noqa: F811
     second = setup(tmp_path, "local-only", "--hostname", "b.test", name="second")
+    trigger = listen_trigger(second.spool)      # a daemon there: the message waits for us
     listener = subprocess.Popen([os.path.join(BIN, "masq-tcpserver"), "-1", "127.0.0.1", "0",
                                  "masq-smtpd"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=second.env())
@@ -334,6 +336,7 @@ def test_two_masq_instances_by_mx_from_dnsmasq(masq, tmp_path, dns):  # noqa: F8
         listener.wait(timeout=10)
         listener.stdout.close()
         listener.stderr.close()
+        os.close(trigger)
     [got] = list(second.maildir("carol"))
     assert got.as_bytes().endswith(b"\n.a line with a dot\nbody from "
                                    b"alice@laptop.example.org\n")
@@ -355,6 +358,9 @@ def test_two_masq_instances_by_mx_from_dnsmasq(masq, tmp_path, dns):  # noqa: F8
     (b"To: a@laptop.example.org\nCc: a@laptop.example.org\n",
      b"To: a@laptop.example.org\nCc: a@laptop.example.org\n"),
     (b"From: a@other.example\n", b"From: a@other.example\n"),
+    # a line that is no field does not end the rewriting before the empty line
+    (b"Received: x\nno colon here\nX Bad: y\nFrom: a@laptop.example.org\n",
+     b"Received: x\nno colon here\nX Bad: y\nFrom: me@isp.example\n"),
 ])
 def test_rewrite_headers(head, want):
     from masq import headers, route
@@ -425,3 +431,134 @@ def test_the_daemon_sends_by_route_over_one_connection(masq, sinks):
             daemon.wait()
         daemon.stderr.close()
     assert sink.messages == 3 and sink.connections == 1
+
+
+# -- issue 9: routes coming up, fall-through, last_route, connect_error_fail --------------
+
+def dead_port():
+    """A loopback port nobody listens on: connecting is refused."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_routes(masq, primary_port, backup_port, **primary_keys):
+    route(masq, "primary", host=f'"127.0.0.1:{primary_port}"', tls='"none"', **primary_keys)
+    route(masq, "backup", host=f'"127.0.0.1:{backup_port}"', tls='"none"')
+
+
+def test_issue9_mail_deferred_on_one_route_goes_by_the_next_in_the_same_run(masq, sinks):
+    refusing, backup = sinks(greeting=b"421 4.3.2 not now"), sinks()
+    two_routes(masq, refusing.port, backup.port)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    assert masq.queue_ids() == [] and backup.messages == 1 and refusing.connections == 1
+    log = masq.log()
+    assert "relay=primary,backup" in log and "status=sent" in log
+    assert "route primary: " in log and "421 4.3.2 not now" in log
+    assert not os.path.exists(os.path.join(masq.dir, "mail", "alice"))    # no bounce
+
+
+def test_issue9_last_route_keeps_mail_deferred_on_its_route(masq, sinks):
+    refusing, backup = sinks(greeting=b"421 4.3.2 not now"), sinks()
+    two_routes(masq, refusing.port, backup.port, last_route="true")
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    assert len(masq.queue_ids("active")) == 1 and backup.connections == 0
+    assert "relay=primary " in masq.log() and "status=deferred" in masq.log()
+    assert b"421 4.3.2 not now" in cmd(masq, "mailq").ok().out
+
+
+def test_issue9_deferred_on_every_route_names_each_in_mailq(masq):
+    two_routes(masq, dead_port(), dead_port())
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    listing = cmd(masq, "mailq").ok().out.decode()
+    assert "route primary: connect to" in listing and "; route backup: connect to" in listing
+    assert masq.log().count("status=deferred") == 1 and "relay=primary,backup" in masq.log()
+
+
+@pytest.mark.parametrize("greeting, bounced", [(None, True), (b"421 4.3.2 busy", False)])
+def test_issue9_connect_error_fail_bounces_a_connection_error_only(masq, sinks,
+                                                                    greeting, bounced):
+    port = sinks(greeting=greeting).port if greeting else dead_port()
+    plain_route(masq, port, connect_error_fail="true")
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    if bounced:
+        assert masq.queue_ids() == []
+        [report] = list(masq.maildir("alice"))
+        assert b"connect_error_fail" in report.as_bytes()
+    else:
+        assert len(masq.queue_ids("active")) == 1
+        assert not os.path.exists(os.path.join(masq.dir, "mail", "alice"))
+
+
+def test_issue9_connect_error_fail_must_be_a_boolean(masq):
+    plain_route(masq, dead_port(), connect_error_fail='"yes"')
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    masq.run(["masq-send", "--once"]).ok()
+    assert b"connect_error_fail must be true or false" in cmd(masq, "mailq").ok().out
+
+
+def test_issue9_sendmail_qo_right_after_a_failure_of_its_host_delivers(masq, sinks):
+    sink = sinks(greeting=b"421 4.3.2 line not up yet")
+    edit(masq, 'detect = "always"', 'detect = "file"')
+    masq.config("[queue]\nhoststat_timeout = 1800")    # only coming up may clear it
+    plain_route(masq, sink.port)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    cmd(masq, "sendmail", "-qo", "isp").ok()
+    assert sink.connections == 1 and len(masq.queue_ids("active")) == 1
+    sink.greeting = b"220 sink ESMTP"
+    cmd(masq, "sendmail", "-qo", "isp").ok()
+    assert masq.queue_ids() == [] and sink.messages == 1
+
+
+def seed_down(masq, port, ago):
+    """hoststat: route isp's host failed `ago` seconds ago (within its back-off)."""
+    import time
+    from masq import hoststat
+    store = hoststat.HostStat(masq.spool)
+    store.record("isp", f"127.0.0.1:{port}", "down", "421 earlier", now=time.time() - ago)
+    store.close()
+
+
+def test_issue9_runq_tries_a_host_that_failed_more_than_a_few_seconds_ago(masq, sinks):
+    sink = sinks()
+    plain_route(masq, sink.port)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    seed_down(masq, sink.port, 60)         # retry_min 300: the daemon would still wait
+    cmd(masq, "runq").ok()
+    assert masq.queue_ids() == [] and sink.messages == 1
+
+
+def test_issue9_the_daemon_tries_a_route_that_comes_up_at_once(masq, sinks):
+    import signal
+    import time
+    sink = sinks()
+    edit(masq, 'detect = "always"', 'detect = "file"')
+    plain_route(masq, sink.port)
+    enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
+    seed_down(masq, sink.port, 0)
+    daemon = subprocess.Popen([os.path.join(BIN, "masq-send")], env=masq.env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while "daemon started" not in masq.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open(os.path.join(masq.dir, "online"), "w") as f:
+            f.write("isp\n")
+        fd = os.open(os.path.join(masq.spool, "trigger"), os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"\0")                 # wake it: it looks at the online routes
+        os.close(fd)
+        while masq.queue_ids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert masq.queue_ids() == [] and sink.messages == 1
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        daemon.stderr.close()

@@ -433,7 +433,7 @@ def test_session_sends_several_messages_over_one_connection(masq, servers):
     (b".\n", b"..\r\n.\r\n"),
     (b"a\n.b\n..c\n", b"a\r\n..b\r\n...c\r\n.\r\n"),
     (b"no end", b"no end\r\n.\r\n"),
-    (b"cr\rin line\n", b"cr\rin line\r\n.\r\n"),
+    (b"crlf\r\nline\n", b"crlf\r\nline\r\n.\r\n"),
 ])
 def test_message_chunks_are_crlf_and_dot_stuffed(data, wire):
     from masq import wiremessage
@@ -446,6 +446,104 @@ def test_dot_stuffing_across_chunk_boundaries(monkeypatch):
     data = b"abc\n.de\n...\nx.\n.\n"
     assert b"".join(wiremessage.WireMessage(io.BytesIO(data)).chunks()) == \
         b"abc\r\n..de\r\n....\r\nx.\r\n..\r\n.\r\n"
+
+
+@pytest.mark.parametrize("data, wire", [
+    (b"cr\rin line\n", b"cr\r\nin line\r\n.\r\n"),
+    (b"a\r.\rb\n", b"a\r\n..\r\nb\r\n.\r\n"),     # \r.\r typed into sendmail
+    (b"x\0y\rz\r", b"x\0y\r\nz\r\n.\r\n"),
+])
+def test_issue9_bare_cr_goes_out_as_crlf(data, wire):
+    from masq import wiremessage
+    message = wiremessage.WireMessage(io.BytesIO(data))
+    assert b"".join(message.chunks()) == wire
+    assert message.size == len(wire.replace(b"\r\n..", b"\r\n.")) - 3    # SIZE: no ".\r\n"
+
+
+def test_issue9_cr_at_a_chunk_boundary_is_one_line_end(monkeypatch):
+    from masq import wiremessage
+    monkeypatch.setattr(wiremessage, "WRITE_CHUNK_BYTES", 4)
+    message = wiremessage.WireMessage(io.BytesIO(b"abc\r\n.ab\r\r.\r"))
+    assert b"".join(message.chunks()) == b"abc\r\n..ab\r\n\r\n..\r\n.\r\n"
+
+
+def test_issue9_bare_cr_reaches_the_next_hop_as_line_ends(masq, servers):
+    handler = Recorder()
+    server = serve(servers, handler)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="none")
+    lines(smtp(masq, "--route", "isp", "a@b.example", "ok@x.example",
+               input=b"Subject: x\n\none\r.\rtwo\n"))
+    assert handler.messages[0][2] == b"Subject: x\r\n\r\none\r\n.\r\ntwo\r\n"
+
+
+# -- recipients over the server's limit, and a 421 in the middle (issue 9) -----------
+
+class Limited(Recorder):
+    """Says 452 4.5.3 to each recipient after the first `limit` of a transaction."""
+
+    def __init__(self, limit, limits_keyword=None, **kw):
+        super().__init__(**kw)
+        self.limit, self.limits_keyword = limit, limits_keyword
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        if self.limits_keyword:
+            responses.insert(1, f"250-{self.limits_keyword}")
+        return responses
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if len(envelope.rcpt_tos) >= self.limit:
+            return "452 4.5.3 Error: too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_issue9_recipients_over_a_452_go_in_the_next_transaction(masq, servers, pipelining):
+    handler = Limited(3, refuse={"bad@x.example": "550 5.1.1 no such user"},
+                      pipelining=pipelining)
+    server = serve(servers, handler)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="none")
+    rcpts = [f"r{n}@x.example" for n in range(7)]
+    out = lines(smtp(masq, "--route", "isp", "a@b.example", "bad@x.example", *rcpts))
+    assert out[0] == "D 127.0.0.1[127.0.0.1] said: 550 5.1.1 no such user"
+    assert out[1:] == ["K 127.0.0.1[127.0.0.1] said: 250 2.0.0 queued as 42"] * 7
+    assert [m[1] for m in handler.messages] == [rcpts[:3], rcpts[3:6], rcpts[6:]]
+    assert handler.mails == 3       # one connection, one MAIL per transaction
+
+
+def test_issue9_a_452_with_nothing_accepted_is_a_deferral(masq, servers):
+    handler = Limited(0)
+    server = serve(servers, handler)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="none")
+    out = lines(smtp(masq, "--route", "isp", "a@b.example", "r1@x.example", "r2@x.example"))
+    assert out == ["Z 127.0.0.1[127.0.0.1] said: 452 4.5.3 Error: too many recipients"] * 2
+    assert handler.messages == []
+
+
+def test_issue9_limits_rcptmax_splits_the_recipients(masq, servers):
+    handler = Limited(100, limits_keyword="LIMITS RCPTMAX=2")
+    server = serve(servers, handler)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="none")
+    rcpts = [f"r{n}@x.example" for n in range(5)]
+    out = lines(smtp(masq, "--route", "isp", "a@b.example", *rcpts))
+    assert [o[0] for o in out] == ["K"] * 5
+    assert [m[1] for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_issue9_a_421_after_some_rcpt_replies_keeps_them(masq, servers, pipelining):
+    handler = Recorder(refuse={"bad@x.example": "550 5.1.1 no such user",
+                               "late@x.example": "450 4.2.1 mailbox busy",
+                               "stop@x.example": "421 4.7.0 test.example Error: too many errors"},
+                       pipelining=pipelining)
+    server = serve(servers, handler)
+    route(masq, host=f"127.0.0.1:{server.port}", tls="none")
+    out = lines(smtp(masq, "--route", "isp", "a@b.example", "ok@x.example", "bad@x.example",
+                     "late@x.example", "stop@x.example", "after@x.example"))
+    closing = "Z 127.0.0.1[127.0.0.1] said: 421 4.7.0 test.example Error: too many errors"
+    assert out == [closing, "D 127.0.0.1[127.0.0.1] said: 550 5.1.1 no such user",
+                   "Z 127.0.0.1[127.0.0.1] said: 450 4.2.1 mailbox busy", closing, closing]
+    assert handler.messages == []
 
 
 # -- usage ---------------------------------------------------------------------------

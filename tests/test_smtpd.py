@@ -14,6 +14,9 @@ TRANSCRIPTS = sorted(glob.glob(os.path.join(DATA, "*.txt")))
 EHLO = b"EHLO client.example\r\n"
 
 
+pytestmark = pytest.mark.usefixtures("daemon_listens")
+
+
 def smtpd(masq, data, **env):
     """Run masq-smtpd with `data` on stdin; (result, reply lines)."""
     env.setdefault("TCPREMOTEIP", "192.0.2.1")
@@ -186,10 +189,10 @@ def test_smuggled_end_of_data_is_never_an_end(masq, end):
     data = (EHLO + b"MAIL FROM:<a@client.example>\r\nRCPT TO:<bob@test.example>\r\nDATA\r\n"
             b"Subject: first\r\n\r\nline" + end + SMUGGLE + b".\r\nQUIT\r\n")
     r, lines = smtpd(masq, data)
-    if b"\x00" in end:      # NUL is data, not a line end: one message, smuggled part inside
-        assert lines[-2].startswith("250 2.0.0 Ok: queued as"), lines
-        [(d, _)] = spool_messages(masq).values()
-        assert b"MAIL FROM:<admin@bank.example>" in d
+    if b"\x00" in end:      # NUL is no line end: one message, refused for its NUL
+        assert lines[-2:] == ["550 5.6.0 Error: NUL byte in the message "
+                              "(RFC 5322 section 2.3)", "221 2.0.0 Bye"], lines
+        assert spool_messages(masq) == {}
     else:
         assert lines[-2:] == ["550 5.6.0 Error: bare CR or LF in the message "
                               "(RFC 5321 section 2.3.8)", "221 2.0.0 Bye"], lines
@@ -427,3 +430,87 @@ def test_a_client_that_never_reads_is_dropped(masq):
         pass
     assert p.wait(timeout=20) != 0          # ended by its write deadline
     a.close()
+
+
+# -- issue 9: policy answers are no errors; Date and Message-ID; delivery without a daemon
+
+def test_issue9_unknown_users_do_not_end_the_session(masq):
+    with open(masq.conf) as f:
+        text = f.read()
+    masq.set_config(text.replace('users = "any"', 'users = "system"'))
+    unknown = [b"RCPT TO:<nobody-%d@test.example>" % n for n in range(12)]
+    r, lines = smtpd(masq, session(EHLO, b"MAIL FROM:<a@client.example>",
+                                   b"RCPT TO:<root@test.example>", *unknown,
+                                   b"DATA", b"hi\r\n.", b"QUIT"))
+    assert lines.count("250 2.1.5 Ok") == 1
+    assert sum(" user unknown" in line for line in lines) == 12
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as"), lines
+    assert len(spool_messages(masq)) == 1
+
+
+def test_issue9_client_errors_still_count(masq):
+    masq.config("[smtpd]\nmax_errors = 3")
+    r, lines = smtpd(masq, session(EHLO, b"BOGUS", b"BOGUS", b"BOGUS", b"NOOP"))
+    assert lines[-1] == "421 4.7.0 test.example Error: too many errors"
+
+
+@pytest.mark.parametrize("ip, setting, added", [
+    ("127.0.0.1", None, True), ("192.0.2.1", None, False),
+    ("192.0.2.1", "all", True), ("127.0.0.1", "none", False)])
+def test_issue9_date_and_message_id_for_trusted_clients(masq, ip, setting, added):
+    if setting:
+        masq.config(f'[smtpd]\nadd_missing_headers = "{setting}"')
+    r, lines = smtpd(masq, session(EHLO, b"MAIL FROM:<a@client.example>",
+                                   b"RCPT TO:<bob@test.example>", b"DATA",
+                                   b"Subject: hi\r\n\r\nbody\r\n.", b"QUIT"), TCPREMOTEIP=ip)
+    qid = lines[-2].rsplit(" ", 1)[1]
+    [(data, _)] = spool_messages(masq).values()
+    head = data.split(b"\n\n")[0].decode()
+    assert ("\nDate: " in head) == added, head
+    assert (f"\nMessage-ID: <{qid}@test.example>\n" in head + "\n") == added, head
+    assert body(data).endswith(b"Subject: hi\n\nbody\n")
+
+
+def test_issue9_present_date_and_message_id_are_kept(masq):
+    message = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
+    r, lines = smtpd(masq, session(EHLO, b"MAIL FROM:<a@client.example>",
+                                   b"RCPT TO:<bob@test.example>", b"DATA",
+                                   message + b".", b"QUIT"), TCPREMOTEIP="127.0.0.1")
+    [(data, _)] = spool_messages(masq).values()
+    assert data.count(b"Date:") == 1 and data.count(b"Message-ID:") == 1
+    assert body(data) == message.replace(b"\r\n", b"\n")
+
+
+def test_issue9_bad_add_missing_headers_is_a_configuration_error(masq):
+    masq.config('[smtpd]\nadd_missing_headers = "sometimes"')
+    r, lines = smtpd(masq, EHLO)
+    assert lines == ["421 4.3.5 Error: server configuration error"]
+
+
+def test_issue9_nul_in_bdat_is_refused(masq):
+    chunk = b"Subject: x\r\n\r\na\0b\r\n"
+    r, lines = smtpd(masq, session(EHLO, b"MAIL FROM:<a@client.example>",
+                                   b"RCPT TO:<bob@test.example>",
+                                   b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT"))
+    assert lines[-2] == "550 5.6.0 Error: NUL byte in the message (RFC 5322 section 2.3)"
+    assert spool_messages(masq) == {} and tmp_files(masq) == []
+
+
+def test_issue9_without_a_daemon_the_message_is_delivered_at_once(masq, daemon_listens):
+    os.close(daemon_listens)            # no reader on the trigger: no daemon
+    r, lines = smtpd(masq, session(EHLO, b"MAIL FROM:<a@client.example>",
+                                   b"RCPT TO:<bob@test.example>", b"DATA",
+                                   b"Subject: now\r\n\r\nbody\r\n.", b"QUIT"))
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as"), lines
+    deadline = time.monotonic() + 30
+    while not (os.path.isdir(os.path.join(masq.dir, "mail", "bob"))
+               and len(masq.maildir("bob"))) and time.monotonic() < deadline:
+        time.sleep(0.05)                # the detached run reports to no one
+    assert [m["Subject"] for m in masq.maildir("bob")] == ["now"]
+    assert spool_messages(masq) == {}
+
+
+def test_issue9_nul_from_sendmail_exits_65(masq):
+    r = masq.run([masq.bin("sendmail"), "-odq", "bob"], input=b"Subject: x\n\na\0b\n")
+    assert r.rc == 65 and b"NUL byte" in r.err, r
+    assert spool_messages(masq) == {} and tmp_files(masq) == []

@@ -3,7 +3,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, listen_trigger, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,10 @@ def folder(tmp_path_factory):
     run(["masq-setup", "local-only", path, "--hostname", "test.example"]).ok()
     with open(os.path.join(path, "masq.toml"), "a") as f:
         f.write("\n[smtpd]\ncommand_timeout = 5\ndata_timeout = 5\nmax_errors = 1000\n")
-    return path
+    # a reader on the trigger, as a daemon: messages stay queued (no queue runs)
+    fd = listen_trigger(os.path.join(path, "spool"))
+    yield path
+    os.close(fd)
 
 
 def queued(folder):

@@ -23,6 +23,9 @@ LOCAL = "bob@test.example"
 MESSAGE = b"From: alice@client.example\r\nSubject: tls\r\n\r\nover TLS\r\n"
 
 
+pytestmark = pytest.mark.usefixtures("daemon_listens")
+
+
 @pytest.fixture
 def tls(masq, tmp_path):
     """A CA the clients trust; masq-smtpd configured with its server certificate."""

@@ -107,6 +107,20 @@ def test_a_second_run_changes_nothing(sysroot):
     assert (listing(sysroot), read(sysroot, install.MANIFEST)) == before
 
 
+def test_a_second_run_follows_no_link_the_masq_user_put_in_the_spool(sysroot):
+    """Root runs setup again (after an upgrade of another MTA, say): a spool entry
+    that masq replaced by a link must not make root chmod or create what it names."""
+    without_other_mta(sysroot)
+    setup(sysroot, "local-only", "--admin", "root@example.org").ok()
+    shadow = mode(sysroot, "/etc/shadow")
+    sysroot.run("cd /var/spool/masq && rm trigger VERSION && ln -s /etc/shadow trigger"
+                " && ln -s /etc/nologin VERSION", user="masq").ok()
+    r = setup(sysroot, "local-only", "--admin", "root@example.org")
+    assert r.rc != 0 and b"symbolic link" in r.err, r
+    assert mode(sysroot, "/etc/shadow") == shadow
+    assert not os.path.lexists(sysroot.path("/etc/nologin"))
+
+
 def test_existing_aliases_are_used_as_they_are(sysroot):
     without_other_mta(sysroot)
     sysroot.run("printf 'postmaster: bob\\n' > /etc/aliases").ok()

@@ -55,7 +55,7 @@ def send_one(port, n):
         return text.split()[-1].decode()       # "... queued as QID"
 
 
-def test_with_m_one_child_serves_several_connections_in_turn(masq):
+def test_with_m_one_child_serves_several_connections_in_turn(masq, daemon_listens):
     server, port = start(masq, "-m", "20")
     try:
         # the listener and a waiting child race for each connection: over 12

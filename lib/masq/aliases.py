@@ -19,6 +19,12 @@ The API, for masq-local and for tools that show where mail goes:
     Aliases.expand(local_part)    -> the final targets, each a string above
                                      minus quotes, backslash and includes;
                                      a name with no alias gives [name]
+    Aliases.expand(local_part, origins=True)
+                                  -> (target, origin) pairs: origin is None
+                                     for a target of the aliases file, else
+                                     the uid owning the :include: file it
+                                     came from (system mode runs its |command
+                                     and /file targets as that user)
     name in aliases               -> True when the name is an alias
     kind(target)                  -> "local" | "remote" | "pipe" | "file"
                                      | "include"
@@ -30,8 +36,17 @@ delivered to the mailbox of that name (`root: \\root, bob` and `a: b` +
 `b: a` both end in a mailbox), nesting is limited to MAX_DEPTH and the whole
 walk to MAX_STEPS.  AliasError says why an expansion failed; its
 `temporary` is True when a file could not be read (retrying can help).
+
+An Aliases loaded with strict=True (system mode: the targets of an include
+file run as its owner) refuses an include file that is not a regular file,
+is a symbolic link, is writable by group or others, or sits in a folder
+writable by group or others (sticky or not) or owned by someone other than
+root or the file's owner: whoever could change it could choose what runs.
+The refusal is temporary: the administrator can fix the modes.
 """
+import errno
 import os
+import stat
 
 from masq import Error, address
 
@@ -64,10 +79,11 @@ def kind(target):
 class Aliases:
     """A parsed aliases file: name -> list of targets."""
 
-    def __init__(self, table=None, folder="/", local_domains=()):
+    def __init__(self, table=None, folder="/", local_domains=(), strict=False):
         self.table = table or {}
         self.folder = folder
         self.local_domains = {d.lower() for d in local_domains}
+        self.strict = strict
 
     def __contains__(self, name):
         return name.lower() in self.table
@@ -75,22 +91,30 @@ class Aliases:
     def __len__(self):
         return len(self.table)
 
-    def expand(self, local_part):
-        """The final targets of a local part, in file order, without repeats."""
+    def expand(self, local_part, origins=False):
+        """The final targets of a local part, in file order, without repeats.
+
+        With origins=True, (target, origin) pairs (see the module docstring);
+        the same target from two owners is kept twice: it runs as each.
+        """
         name = local_part.lower()
         if name not in self.table:
-            return [name]
+            return [(name, None)] if origins else [name]
         out, steps = [], [0]
-        self._walk(self.table[name], [name], out, steps, 0)
+        self._walk(self.table[name], [name], out, steps, 0, None)
         unique, seen = [], set()
-        for target in out:
+        for target, origin in out:
             key = target.lower() if kind(target) in ("local", "remote") else target
-            if key not in seen:
-                seen.add(key)
-                unique.append(target)
-        return unique
+            if (key, origin) not in seen:
+                seen.add((key, origin))
+                unique.append((target, origin))
+        if origins:
+            return unique
+        return list(dict.fromkeys(target for target, _ in unique))
 
-    def _walk(self, targets, chain, out, steps, depth):
+    def _walk(self, targets, chain, out, steps, depth, origin):
+        """Expand into out as (target, origin); an include's owner passes down to
+        everything reached through it, nested aliases included (Postfix does the same)."""
         if depth > MAX_DEPTH:
             raise AliasError(f"aliases nested deeper than {MAX_DEPTH} "
                              f"({' -> '.join(chain[:3])} ...)")
@@ -101,32 +125,40 @@ class Aliases:
                                  f"{MAX_STEPS} targets")
             what = kind(target)
             if what == "include":
-                self._walk(self.include(target), chain, out, steps, depth + 1)
+                inner, owner = self._include(target)
+                self._walk(inner, chain, out, steps, depth + 1, owner)
                 continue
             if what == "remote":
                 local, _, domain = target.rpartition("@")
                 if domain.lower() not in self.local_domains:
-                    out.append(f"{local}@{domain.lower()}")
+                    out.append((f"{local}@{domain.lower()}", origin))
                     continue
                 target = local
             if what in ("pipe", "file"):
-                out.append(target)
+                out.append((target, origin))
                 continue
             if target.startswith("\\"):
-                out.append(_local_name(target[1:]))
+                out.append((_local_name(target[1:]), origin))
                 continue
             name = _local_name(target)
             if name in chain or name not in self.table:
-                out.append(name)
+                out.append((name, origin))
             else:
-                self._walk(self.table[name], chain + [name], out, steps, depth + 1)
+                self._walk(self.table[name], chain + [name], out, steps, depth + 1, origin)
 
     def include(self, target):
         """The targets listed in an :include: file; AliasError if unreadable."""
+        return self._include(target)[0]
+
+    def _include(self, target):
+        """(targets, owner uid) of an :include: file; strict: refuse an unsafe one."""
         path = self.include_path(target)
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            if self.strict:
+                data, owner = _read_owned(path)
+            else:
+                with open(path, "rb") as f:
+                    data, owner = f.read(MAX_FILE_BYTES + 1), os.fstat(f.fileno()).st_uid
         except OSError as e:
             raise AliasError(f"unable to read include file {path}: {e.strerror}",
                              temporary=True) from None
@@ -136,21 +168,57 @@ class Aliases:
         for _, line, problem in _include_lines(data):
             if not problem:
                 targets += line
-        return targets
+        return targets, owner
 
     def include_path(self, target):
         """The file an :include: target names, relative to the aliases file."""
         return os.path.join(self.folder, target[len(INCLUDE):].strip())
 
 
-def load(path, local_domains=()):
-    """Read an aliases file; an absent file gives no aliases."""
+def _read_owned(path):
+    """(bytes, owner uid) of an include file that only its owner (or root) can change.
+
+    The folder is opened and checked first, and the file opened from that
+    descriptor without following a symbolic link, so the checks and the read
+    are about the same file.  AliasError says why a file is refused.
+    """
+    folder, name = os.path.split(path)
+    dfd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            st, dst = os.fstat(fd), os.fstat(dfd)
+            problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+                       else "is writable by group or others" if st.st_mode & 0o022
+                       else f"is in {folder or '.'}, writable by group or others"
+                       if dst.st_mode & 0o022
+                       else f"is in {folder or '.'}, owned by someone else (uid {dst.st_uid})"
+                       if dst.st_uid not in (0, st.st_uid) else "")
+            if problem:
+                raise AliasError(f"include file {path} {problem}: refused, as whoever "
+                                 "can change it could choose what runs", temporary=True)
+            with open(fd, "rb", closefd=False) as f:
+                return f.read(MAX_FILE_BYTES + 1), st.st_uid
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AliasError(f"include file {path} is a symbolic link: refused",
+                             temporary=True) from None
+        raise
+    finally:
+        os.close(dfd)
+
+
+def load(path, local_domains=(), strict=False):
+    """Read an aliases file; an absent file gives no aliases.  strict: see above."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
-        return Aliases({}, folder, local_domains)
+        return Aliases({}, folder, local_domains, strict)
     except OSError as e:
         raise AliasError(f"unable to read {path}: {e.strerror}", temporary=True) from None
     if len(data) > MAX_FILE_BYTES:
@@ -159,7 +227,7 @@ def load(path, local_domains=()):
     for _, name, targets, problem in _entries(data):
         if name is not None and name not in table and (targets or not problem):
             table[name] = targets
-    return Aliases(table, folder, local_domains)
+    return Aliases(table, folder, local_domains, strict)
 
 
 def check(path):

@@ -25,7 +25,12 @@ BUSY = object()                 # Run.plan(): another process holds the message
 
 
 class Plan:
-    """One attempt at one message: its decisions, then its outcomes."""
+    """One attempt at one message: its decisions, then its outcomes.
+
+    A recipient deferred on a route is tried on the next route of its
+    decision (route.Decision.routes) in the same attempt, once per route;
+    only its last answer is an outcome, naming every route tried.
+    """
 
     def __init__(self, msg, now):
         self.msg, self.now = msg, now
@@ -33,12 +38,27 @@ class Plan:
         self.waiting = []           # (index, reason)
         self.remote = {}            # destination -> [index]
         self.open = 0               # remote groups not answered yet
+        self.next_routes = {}       # index -> the routes still to try after a deferral
+        self.deferred = {}          # index -> [(route, text)] deferrals before this route
 
     def add(self, indices, results, relay):
-        """Keep each recipient's (letter, text) answer as its spool word."""
+        """Keep each recipient's (letter, text) answer as its spool word; returns
+        {route: [index]}: the deferred ones that go on to their next route."""
+        again = {}
         for i, (letter, text) in zip(indices, results, strict=True):
             word = outcome.WORDS.get(letter, outcome.WORDS[outcome.TEMPORARY])
+            earlier = self.deferred.get(i, [])
+            if word == "deferred" and self.next_routes.get(i):
+                earlier.append((relay, text))
+                self.deferred[i] = earlier
+                again.setdefault(self.next_routes[i].pop(0), []).append(i)
+                continue
+            if earlier:
+                tried = earlier + [(relay, text)]
+                text = "; ".join(f"route {r}: {t}" for r, t in tried)
+                relay = ",".join(r for r, _ in tried)
             self.outcomes.append((word, i, text, relay))
+        return again
 
 
 class Run:
@@ -108,6 +128,7 @@ class Run:
                     local.append(i)
                 elif d.kind == "route":
                     plan.remote.setdefault(self.relay.destination(d.route, rcpt), []).append(i)
+                    plan.next_routes[i] = d.routes[1:]
                 elif d.kind == "wait":
                     plan.waiting.append((i, d.reason))
                 else:

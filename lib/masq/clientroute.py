@@ -62,6 +62,10 @@ class Route:
         self.allow_auth_without_tls = bool(table.get("allow_auth_without_tls", False))
         self.mechanisms = [m.upper() for m in table.get("auth_mechanisms") or MECHANISMS]
         self.timeouts = {k: float(table.get(k, v)) for k, v in DEFAULT_TIMEOUTS.items()}
+        # masqmail.route(5): no connection at all bounces instead of deferring
+        self.connect_error_fail = table.get("connect_error_fail", False)
+        if not isinstance(self.connect_error_fail, bool):
+            raise config_error(f"{conf.file}: {where}: connect_error_fail must be true or false")
         self.user = self.secret = None
         auth = table.get("auth")
         if auth:

@@ -31,6 +31,7 @@ DEFAULTS = {
     "log": "masq.log",
     "max_size": 52428800,
     "postmaster": "postmaster",
+    "user": "",                        # system mode: the user the spool belongs to ("masq")
     "local.mailbox": "maildir",
     "local.path": "mail/{user}/",
     "local.mda": "procmail -d {user}",
@@ -38,6 +39,8 @@ DEFAULTS = {
     "local.mda_timeout": 3600,
     "local.recipient_delimiter": "+",
     "local.deliver": "in-process",     # masq-send: local.deliver() in-process, or masq-local
+    "local.default_privs": "nobody",   # system mode: aliases' own |command and /file run as
+    "local.mail_group": "mail",        # system mode, mbox: the group of the mbox spool
     "queue.filters": [],
     "queue.archive_bcc": "",
     "queue.retry_min": 300,            # seconds before the first retry
@@ -47,7 +50,8 @@ DEFAULTS = {
     "queue.warn_after": 14400,         # a delay warning after 4 hours failing; 0: none
     "queue.interval": 600,             # daemon: a full queue run at least this often
     "queue.parallel": 2,
-    "queue.hoststat_timeout": 1800,   # runq trusts a host's failure this long
+    "queue.hoststat_timeout": 5,       # runq trusts a host's failure this long
+    "queue.show_queue": "all",         # mailq for every user, or "admin": root and masq
     "online.detect": "always",
     "online.file": "online",
     "online.command": "",
@@ -187,7 +191,7 @@ class Config:
             "spool": str, "aliases": str, "log": str, "max_size": int,
             "local.mailbox": str, "local.path": str, "local.mda": str,
             "local.users": str, "local.deliver": str, "local_domains": list, "relay_domains": list,
-            "queue.filters": list, "online.detect": str,
+            "queue.filters": list, "online.detect": str, "user": str,
         }
         for key, kind in checks.items():
             value = self.get(key)
@@ -196,7 +200,8 @@ class Config:
         choices = {"local.mailbox": ("maildir", "mbox", "mda"),
                    "local.users": ("any", "system"),
                    "local.deliver": ("in-process", "child"),
-                   "online.detect": ("always", "file", "command")}
+                   "online.detect": ("always", "file", "command"),
+                   "queue.show_queue": ("all", "admin")}
         for key, allowed in choices.items():
             if self.get(key) not in allowed:
                 raise ConfigError(f"{self.file}: {key} must be one of "

@@ -129,10 +129,10 @@ def tcp(address, port, peer, timeout):
         sock.connect((address, port))
     except TimeoutError:
         sock.close()
-        raise DeliveryError(f"connect to {peer}:{port}: timeout after {timeout:g} s") from None
+        raise ConnectFailed(f"connect to {peer}:{port}: timeout after {timeout:g} s") from None
     except OSError as e:
         sock.close()
-        raise DeliveryError(f"connect to {peer}:{port}: {e.strerror or e}") from None
+        raise ConnectFailed(f"connect to {peer}:{port}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Connection(sock, peer)
 
@@ -150,10 +150,15 @@ def wrapper(command, peer):
     except OSError as e:
         ours.close()
         errfile.close()
-        raise DeliveryError(f"unable to run wrapper: {e.strerror}") from None
+        raise ConnectFailed(f"unable to run wrapper: {e.strerror}") from None
     finally:
         theirs.close()
     return Connection(ours, peer, proc, errfile)
+
+
+class ConnectFailed(DeliveryError):
+    """No connection was made: refused, timed out, no address, the wrapper
+    could not run (a route's connect_error_fail makes it permanent)."""
 
 
 class TLSFailed(DeliveryError):

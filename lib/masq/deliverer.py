@@ -13,6 +13,11 @@ delivery itself as a temporary failure: retrying is safe, bouncing is not.
                   on its stdin, one "K/Z/D text" line per recipient on its
                   stdout; the process boundary a privileged spawner needs
                   to start it as the recipient
+
+System mode (masq.toml `user`) always uses the third, Spawn: masq-send (as
+masq) plans the deliveries by user (masq.local), and each user's share is
+one request to masq-lspawn(8), which runs `masq-local --targets` as that
+user with a read-only copy of the message on its stdin.
 """
 import os
 import sys
@@ -26,7 +31,10 @@ MAX_OUTPUT_BYTES = 1 << 20      # its answers: one short line per recipient
 
 
 def choose(conf):
-    """The deliverer [local] deliver names."""
+    """The deliverer [local] deliver names; Spawn in system mode."""
+    if conf.get("user"):
+        from masq import privilege
+        return Spawn(conf, privilege.spawner())
     if conf.get("local.deliver") == "child":
         return Child(conf)
     return InProcess(conf)
@@ -38,10 +46,11 @@ class InProcess:
     def __init__(self, conf):
         self.conf = conf
 
-    def deliver(self, msg, recipients):
+    def deliver(self, msg, recipients, spawn=None):
         """Deliver the spool message msg to recipients; [(letter, text)] per recipient."""
         try:
-            return local.deliver(self.conf, msg.sender, recipients, msg.open_data, msg.id)
+            return local.deliver(self.conf, msg.sender, recipients, msg.open_data, msg.id,
+                                 spawn)
         except Error as e:
             return [outcome.of_error(e)] * len(recipients)
         except Exception as e:      # noqa: BLE001 -- a bug must defer mail, not lose it
@@ -88,6 +97,88 @@ class Child:
             else:
                 self.program = shutil.which("masq-local") or "masq-local"
         return self.program
+
+
+class Spawn:
+    """System mode: each user's deliveries by masq-local as that user, via masq-lspawn."""
+
+    def __init__(self, conf, spawner):
+        self.conf, self.spawner = conf, spawner
+
+    def deliver(self, msg, recipients):
+        """As InProcess.deliver, with the writing done by masq-lspawn's children."""
+        if self.spawner is None:
+            return _all(len(recipients), "masq-send must start as root in system mode "
+                                         "(it starts masq-lspawn, then runs as "
+                                         f"{self.conf.get('user')}): local mail waits")
+        copy = _Copy(self.conf, msg)
+        try:
+            return InProcess(self.conf).deliver(msg, recipients, spawn=lambda user, pairs, _:
+                                                self.ask(msg, user, pairs, copy))
+        finally:
+            copy.close()
+
+    def ask(self, msg, user, pairs, copy):
+        """One request: masq-local --targets as user; (letter, text) per pair."""
+        from masq import privilege
+        fields = [user, msg.id, msg.sender, *(x for pair in pairs for x in pair)]
+        try:
+            fd = copy.fd()
+            status, output = self.spawner.ask(
+                [f.encode("utf-8", "surrogateescape") for f in fields], fd,
+                CHILD_TIMEOUT_SECONDS + 60)
+        except privilege.SpawnError as e:
+            return _all(len(pairs), f"{e} (as {user})")
+        except OSError as e:
+            return _all(len(pairs), f"unable to copy the message for masq-local: {e.strerror}")
+        return answers(output, status, len(pairs))
+
+
+class _Copy:
+    """The message alone in an unlinked file of the spool's tmp/, read-only for masq-local.
+
+    The spool file holds the envelope too (every recipient): a user's
+    masq-local gets a descriptor of this copy, opened read-only, so it can
+    neither see the others nor change what the next user gets.
+    """
+
+    def __init__(self, conf, msg):
+        self.conf, self.msg, self.ro = conf, msg, None
+
+    def fd(self):
+        """The read-only descriptor, at offset 0 (made at the first call)."""
+        if self.ro is None:
+            path = os.path.join(self.conf.path("spool"), "tmp",
+                                f"local.{os.getpid()}.{os.urandom(8).hex()}")
+            rw = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                self.ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                os.unlink(path)
+                with self.msg.open_data() as data:
+                    while chunk := data.read(65536):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(rw, view):]
+            except BaseException:
+                _quietly(os.unlink, path)
+                self.close()
+                raise
+            finally:
+                os.close(rw)
+        os.lseek(self.ro, 0, os.SEEK_SET)
+        return self.ro
+
+    def close(self):
+        if self.ro is not None:
+            os.close(self.ro)
+            self.ro = None
+
+
+def _quietly(call, *args):
+    try:
+        call(*args)
+    except OSError:
+        pass
 
 
 def answers(output, status, count):

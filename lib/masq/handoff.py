@@ -5,6 +5,9 @@ does (it is masq-queue's body); submit() is what the other programs call
 (masq-inject, masq-smtpd, masq-local forwarding, bounces): enqueue(), or
 $MASQ_QUEUE when it is set, run as masq-queue would be (qmail's QMAILQUEUE):
 message on fd 0, envelope on fd 1, trace data in the MASQ_* variables below.
+The trace word "add" (MASQ_ADD_HEADERS) names header fields to write under
+the Received line ("date message-id"); it is not kept in the spool.
+background() starts the delivery of what was queued, as sendmail -odb does.
 """
 import os
 import time
@@ -14,7 +17,8 @@ from masq.program import Exit
 
 TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
              "client_name": "MASQ_CLIENT_NAME", "helo": "MASQ_HELO",
-             "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR"}
+             "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR",
+             "add": "MASQ_ADD_HEADERS"}
 
 
 def enqueue(conf, stream, env, trace, queue=None):
@@ -34,7 +38,7 @@ def enqueue(conf, stream, env, trace, queue=None):
         archive = conf.get("queue.archive_bcc")
         if archive and archive not in env.recipients:
             env.recipients.append(archive)      # a copy of every message
-        qid = new.commit(env, trace)
+        qid = new.commit(env, {k: v for k, v in trace.items() if k != "add"})
     if not log.ready():
         log.setup(conf)
     log.event(qid, None, **{"from": f"<{env.sender}>"}, size=new.size,
@@ -100,3 +104,48 @@ def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
         temporary, text = program.classify(status)
         raise HookError(f"MASQ_QUEUE={path} refused the message: {text}", status=status,
                         temporary=temporary)
+
+
+def background(args, main=None):
+    """Run one queue run, masq-send ARGS, detached from us; return at once.
+
+    In a grandchild (no zombie for a caller that lives on, as a masq-smtpd
+    child of masq-tcpserver -m does) with no descriptor of ours: main(args)
+    when given (sendmail has masq-send's code loaded), else masq-send run
+    from beside this interpreter or from $PATH.
+    """
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:   # SIGCHLD ignored: the kernel reaped it
+            pass
+        return
+    code = Exit.TEMPFAIL
+    try:
+        if os.fork() == 0:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            # a descriptor the caller passed down must not stay open for as long
+            # as the delivery takes: the caller may be waiting for its EOF
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            if main is not None:
+                code = main(args)
+            else:
+                path = os.path.join(os.path.dirname(sys.executable), "masq-send")
+                if not os.access(path, os.X_OK):
+                    import shutil   # as in masq.deliverer: only when not beside us
+                    path = shutil.which("masq-send") or "masq-send"
+                os.execv(path, [path, *args])
+        else:
+            code = Exit.OK
+    except BaseException:   # noqa: BLE001 -- nobody is left to tell; the queue keeps it
+        pass
+    finally:
+        os._exit(code if isinstance(code, int) else Exit.TEMPFAIL)

@@ -43,7 +43,8 @@ class Section:
     the first body line, or nothing (the input ended inside the header).
     `size` is the number of input bytes the fields took (the body, or the
     empty line before it, starts there); `complete` is False when a lenient
-    read (scan) stopped at a malformed line or the size limit.
+    read (scan) stopped at a malformed first line or the size limit.  A
+    lenient read keeps a later line that is no field as a field named None.
     """
 
     def __init__(self, fields, tail, size=None, complete=True):
@@ -67,14 +68,17 @@ class Section:
         return out
 
     def address(self, name):
-        """The first address in the first field of this name, or "" (From:, Sender:)."""
-        for value in self.values(name):
+        """The first address in the first field of this name, or "" (From:, Sender:).
+
+        Only the first field counts: a second From: that parses must not
+        choose a route the first one would not get.
+        """
+        for value in self.values(name)[:1]:
             try:
                 found = addresses(value)
             except HeaderError:
-                continue
-            if found:
-                return found[0]
+                return ""
+            return found[0] if found else ""
         return ""
 
     def raw(self):
@@ -111,20 +115,26 @@ def read(readline, limit=MAX_HEADER_BYTES, strict=True):
             return Section(fields, b"", total)
         if line == b"\n" or line == b"\r\n":
             return Section(fields, line, total - len(line))
+        name, problem = None, ""
         if b"\0" in line:
-            return failed(f"the header section is malformed at line {number}: NUL byte")
-        if line[0] in b" \t":
-            if not fields:
-                return failed(f"the header section is malformed at line {number}: "
-                              "a continuation line with no field before it")
-            fields[-1][1] += line
-            continue
-        try:
-            name = field_name(line, number)
-        except HeaderError as e:
-            return failed(str(e))
-        if name is None:
+            problem = f"the header section is malformed at line {number}: NUL byte"
+        elif line[0] in b" \t":
+            if fields:
+                fields[-1][1] += line
+                continue
+            problem = (f"the header section is malformed at line {number}: "
+                       "a continuation line with no field before it")
+        else:
+            try:
+                name = field_name(line, number)
+            except HeaderError as e:
+                problem = str(e)
+        if problem and (strict or not fields):
+            return failed(problem)
+        if name is None and not problem and (strict or not fields):
             return Section(fields, b"\n" + line, total - len(line))
+        # lenient, after a field: a line that is none stays as it is (name None),
+        # so that what follows it up to the empty line is still seen
         fields.append([name, line])
         if not line.endswith(b"\n"):
             # a line longer than MAX_LINE_BYTES: the rest belongs to this field

@@ -14,7 +14,8 @@ One sqlite3 database, spool/hoststat.db, with one row per destination:
     text      the last reply or error, one line
 
 masq-send reads it before it connects: a destination that is "down" is not
-tried again before updated + back-off (masq-send(8)).  It is advice only: a
+tried again before updated + back-off (masq-send(8)); a route that comes up
+forgets its rows (forget()).  It is advice only: a
 database that is missing, locked for too long or damaged costs no mail,
 masq-send then connects as if it were empty.  sqlite3 is imported only when
 the store is opened.
@@ -109,6 +110,13 @@ class HostStat:
         """Every Host, by route and host."""
         return [Host(*row) for row in
                 self._do("SELECT * FROM hosts ORDER BY route, host", create=False)]
+
+    def forget(self, route):
+        """Forget the hosts of one route (it came up); returns how many there were."""
+        count = len(self._do("SELECT host FROM hosts WHERE route = ?", (route,), create=False))
+        if count:
+            self._do("DELETE FROM hosts WHERE route = ?", (route,))
+        return count
 
     def purge(self):
         """Forget every host; returns how many there were."""

@@ -516,8 +516,25 @@ def _ensure_dir(manifest, path, uid, gid, mode, do="dir"):
 
 
 def _own(path, uid, gid, mode):
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, mode)
+    """Give a folder, the FIFO or a file its owner and mode, through a descriptor.
+
+    The spool belongs to masq, and root runs this again on every install: a
+    symbolic link masq put in place of a spool entry must not make root
+    chmod what it points to (os.chmod follows links; Linux has no lchmod).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InstallError(f"{path}: {e.strerror}: expected a folder, FIFO or file "
+                           "of masq's, not a symbolic link; move it aside") from None
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind not in (stat.S_IFDIR, stat.S_IFIFO, stat.S_IFREG):
+            raise InstallError(f"{path} is not a folder, FIFO or file: move it aside")
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _make_spool(manifest, masq):

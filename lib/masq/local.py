@@ -6,41 +6,70 @@ answers (letter, text) per recipient (masq.outcome).  The rules for what a
 local part may be (targets(), mailbox_problem()) are shared with masq-smtpd,
 which applies them at RCPT, so a recipient is refused in the dialogue
 rather than bounced later.
+
+System mode (masq.toml `user`, masq-local(8)) splits the same plan in two.
+masq-send, as the masq user, expands the aliases (Plan(system=True)) and
+gives every delivery the user it runs as: a mailbox (and its ~/.forward)
+its owner, an alias's own |command and /file [local] default_privs, the
+|command and /file targets of an :include: file that file's owner (root's:
+default_privs).  Each user's deliveries go in one request to masq-lspawn(8),
+which runs `masq-local --targets` as that user: deliver_targets() here,
+which delivers exactly what it is told and reads the user's ~/.forward.
 """
 import os
 import pwd
+import stat
+import sys
 
-from masq import Error, address, aliases, child, handoff, headers, mailbox, program
+from masq import Error, address, aliases, child, handoff, headers, log, mailbox, program
 from masq.envelope import Envelope
 from masq.outcome import DeliveryError
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+MAX_FORWARD_BYTES = 65536       # a ~/.forward is a few lines
 
 
-def load_aliases(conf):
+def load_aliases(conf, strict=False):
     """The aliases file named in the configuration (AliasError when unreadable)."""
-    return aliases.load(conf.path("aliases") or os.devnull, conf.local_domains)
+    return aliases.load(conf.path("aliases") or os.devnull, conf.local_domains, strict)
 
 
-def targets(conf, table, name):
+def targets(conf, table, name, origins=False):
     """The final targets of a local part (lower-case): aliases, then +detail.
+
+    origins=True: (target, origin) pairs as aliases.Aliases.expand gives.
 
     Only the aliases file may name a |command, a /file or an :include:;
     a local part that is no alias names a mailbox and nothing else, so
     `"|cmd"@localhost` from a stranger is a (refused) mailbox name, never
     a command.  Such names come back as Mailbox(name).
     """
+    alias, mailbox = _resolve(conf, table, name)
+    if alias:
+        return table.expand(alias, origins)
+    return [(Mailbox(mailbox), None)] if origins else [Mailbox(mailbox)]
+
+
+def _resolve(conf, table, name):
+    """(the alias that takes `name`, "") or ("", the mailbox it names); expands nothing.
+
+    A +detail that could not be a path component keeps the whole name, so
+    that the mailbox-name rule refuses it: the detail reaches an MDA as
+    {local} and $LOCAL.
+    """
     if name in table:
-        return table.expand(name)
+        return name, ""
     delimiter = conf.get("local.recipient_delimiter")
     delimiter = "+" if delimiter is None else delimiter
     if delimiter and delimiter in name[1:]:
         base = name[:name.index(delimiter, 1)]
         if base in table:
-            return table.expand(base)
-        if conf.get("local.users") != "system" or _passwd(name) is None:
-            return [Mailbox(base)]
-    return [Mailbox(name)]
+            return base, ""
+        detail = name[len(base):]
+        if "/" not in detail and detail.isprintable() and (
+                conf.get("local.users") != "system" or _passwd(name) is None):
+            return "", base
+    return "", name
 
 
 def mailbox_problem(conf, name):
@@ -56,26 +85,32 @@ def mailbox_problem(conf, name):
 
 
 def recipient_problem(conf, table, local_part):
-    """Why deliver() would refuse this local part at once, or "" (masq-smtpd's RCPT)."""
-    found = targets(conf, table, address.unquote_local(local_part).lower())
-    if len(found) == 1 and isinstance(found[0], Mailbox):
-        return mailbox_problem(conf, found[0])
-    return ""
+    """Why deliver() would refuse this local part at once, or "" (masq-smtpd's RCPT).
+
+    An alias is taken as it is: masq-smtpd never reads :include: files (they
+    are their owners', read as them at delivery).
+    """
+    alias, mailbox = _resolve(conf, table, address.unquote_local(local_part).lower())
+    return "" if alias else mailbox_problem(conf, mailbox)
 
 
-def deliver(conf, sender, recipients, stream_factory, qid=None):
+def deliver(conf, sender, recipients, stream_factory, qid=None, spawn=None):
     """Deliver to each recipient; return [(letter, text)], one per recipient.
 
     stream_factory() gives a fresh binary stream of the whole message each
     time it is called (once to read the header, once per copy written).
     """
-    return deliver_from(conf, sender, recipients, _Factory(stream_factory), qid)
+    return deliver_from(conf, sender, recipients, _Factory(stream_factory), qid, spawn)
 
 
-def deliver_from(conf, sender, recipients, source, qid=None):
-    """deliver() from a source: head() -> headers.Section, expect(copies), open()."""
+def deliver_from(conf, sender, recipients, source, qid=None, spawn=None):
+    """deliver() from a source: head() -> headers.Section, expect(copies), open().
+
+    With spawn (masq-send in system mode), the plan is made by user and
+    each user's deliveries go to spawn(user, [(target, recipient)], source).
+    """
     seen = _delivered_to(source.head())
-    plan = Plan(conf, sender, qid)
+    plan = Plan(conf, sender, qid, system=spawn is not None)
     answers = []
     for rcpt in recipients:
         delivered = _normal(rcpt)
@@ -85,16 +120,19 @@ def deliver_from(conf, sender, recipients, source, qid=None):
         else:
             answers.append(plan.add(rcpt, delivered))
     source.expect(plan.copies())
-    plan.run(source)
+    plan.run(source, spawn)
     return [answer if answer else plan.answer(i) for i, answer in enumerate(answers)]
 
 
 class Plan:
     """The distinct deliveries of one call, and which recipient wants which."""
 
-    def __init__(self, conf, sender, qid):
+    def __init__(self, conf, sender, qid, system=False):
         self.conf, self.sender, self.qid = conf, sender, qid
-        self.jobs = {}          # key -> job dict (kind, args, rcpt, result)
+        self.system = system    # masq-send in system mode: each job names its user
+        self.resubmit = False   # masq-local as a user: forward through masq-inject
+        self.jobs = {}          # key -> job dict (info, user, result)
+        self.mailboxes = set()  # keys of mailbox deliveries (mbox may use the mail group)
         self.wants = []         # per recipient: [key or (letter, text)]
         self.forward = []       # remote addresses, in order, without repeats
         self.forwarders = []    # the recipients whose aliases forward
@@ -116,20 +154,21 @@ class Plan:
             return ("Z" if e.temporary else "D", str(e))
         if not targets:
             return ("D", f"alias {local.lower()} expands to nothing (5.1.1)")
-        for target in targets:
+        for target, origin in targets:
             try:
-                wants.append(self._job(target, info))
+                wants.append(self._job(target, info, origin))
             except DeliveryError as e:
-                note = "" if targets == [local.lower()] else f" (alias {local.lower()})"
+                alone = [t for t, _ in targets] == [local.lower()]
+                note = "" if alone else f" (alias {local.lower()})"
                 wants.append(("Z" if e.temporary else "D", f"{e}{note}"))
         return None
 
     def _targets(self, name):
         if self._aliases is None:
-            self._aliases = load_aliases(self.conf)
-        return targets(self.conf, self._aliases, name)
+            self._aliases = load_aliases(self.conf, strict=self.system)
+        return targets(self.conf, self._aliases, name, origins=True)
 
-    def _job(self, target, info):
+    def _job(self, target, info, origin=None):
         """The key of the delivery a target needs, made once per distinct key."""
         what = "local" if isinstance(target, Mailbox) else aliases.kind(target)
         target = str(target)
@@ -143,6 +182,7 @@ class Plan:
             if info["rcpt"] not in self.forwarders:
                 self.forwarders.append(info["rcpt"])
             return "forward"
+        user = None
         if what == "pipe":
             key = ("pipe", target[1:].strip())
         elif what == "file":
@@ -150,12 +190,41 @@ class Plan:
                 key = ("null",)
             else:
                 key = ("maildir" if target.endswith("/") else "mbox", target)
+        elif self.system:
+            key = ("user", self._system_user(target))
         else:
             key = self._mailbox(target, info)
+            self.mailboxes.add(key)
+        if self.system and key[0] in ("pipe", "maildir", "mbox"):
+            user = self._runas(origin)
+            key += (user,)
+        elif self.system and key[0] == "user":
+            user = key[1]
         if key not in self.jobs:
             self.jobs[key] = {"info": dict(info, user=target if what == "local" else None),
-                              "result": None}
+                              "user": user, "result": None}
         return key
+
+    def _system_user(self, name):
+        """A user's mailbox in system mode: a passwd user other than root."""
+        problem = mailbox_problem(self.conf, name)
+        if problem:
+            raise DeliveryError(problem, temporary=False)
+        pw = _passwd(name)
+        if pw is not None and pw.pw_uid == 0:
+            raise DeliveryError(f"masq delivers nothing as root: give {name} an alias "
+                                f"in {self.conf.path('aliases')} (`{name}: USER`)")
+        return pw.pw_name if pw else name
+
+    def _runas(self, origin):
+        """Who runs a |command or /file target: its include file's owner, else default_privs."""
+        if origin:                      # uid 0 (root's include) takes default_privs too
+            try:
+                return pwd.getpwuid(origin).pw_name
+            except KeyError:
+                raise DeliveryError(f"an include file is owned by uid {origin}, which has "
+                                    "no passwd entry: refusing to run its targets") from None
+        return self.conf.get("local.default_privs") or "nobody"
 
     def _mailbox(self, user, info):
         """The key of a local user's mailbox, by [local] mailbox."""
@@ -180,15 +249,44 @@ class Plan:
 
     # -- delivering
 
-    def run(self, source):
-        """Write each distinct delivery once, in order."""
-        for key, job in self.jobs.items():
+    def run(self, source, spawn=None):
+        """Write each distinct delivery once, in order (or by user: see spawn_all)."""
+        if spawn is not None:
+            self.spawn_all(source, spawn)
+            return
+        jobs = list(self.jobs.items())
+        if self.resubmit:       # the mailbox first, while the mail group is ours
+            jobs.sort(key=lambda item: item[0] not in self.mailboxes)
+        for key, job in jobs:
             program.title(f"masq-local: delivering {self.qid or ''} to {key[0]}")
+            if key not in self.mailboxes:
+                mailbox.drop_group()    # a borrowed group is for the user's mbox only
             try:
                 with source.open() as stream:
                     job["result"] = ("K", self._write(key, job["info"], stream))
             except DeliveryError as e:
                 job["result"] = ("Z" if e.temporary else "D", str(e))
+        if self.forward:
+            with source.open() as stream:
+                self.forward_result = self._forward(stream)
+
+    def spawn_all(self, source, spawn):
+        """System mode: one spawn(user, [(target, recipient)]) per user, in order.
+
+        spawn answers (letter, text) per pair; the forwarding stays here, as
+        the masq user.
+        """
+        users = {}
+        for key, job in self.jobs.items():
+            if key[0] == "null":
+                job["result"] = ("K", "discarded (/dev/null)")
+                continue
+            users.setdefault(job["user"], []).append(key)
+        for user, keys in users.items():
+            program.title(f"masq-send: delivering {self.qid or ''} as {user}")
+            pairs = [(_target_word(key), self.jobs[key]["info"]["rcpt"]) for key in keys]
+            for key, result in zip(keys, spawn(user, pairs, source), strict=True):
+                self.jobs[key]["result"] = result
         if self.forward:
             with source.open() as stream:
                 self.forward_result = self._forward(stream)
@@ -202,7 +300,9 @@ class Plan:
         if kind == "maildir":
             return "delivered to " + mailbox.maildir(key[1], head, stream)
         if kind == "mbox":
-            return "delivered to " + mailbox.mbox(key[1], head, stream, self.sender)
+            # the mbox spool's group (system mode) may read it: Debian's 0660 user:mail
+            mode = 0o660 if key in self.mailboxes and mailbox.borrowed_group() else 0o600
+            return "delivered to " + mailbox.mbox(key[1], head, stream, self.sender, mode)
         timeout = _timeout(self.conf)
         if kind == "pipe":
             env = self._env(info, _me())
@@ -245,6 +345,8 @@ class Plan:
         """One new message to every remote target; the answer for forwarders."""
         head = "".join(f"Delivered-To: {r}\n" for r in self.forwarders)
         reader = child.Chain(head.encode("utf-8", "surrogateescape"), stream)
+        if self.resubmit:
+            return self._inject(reader)
         env = Envelope(self.sender, self.forward)
         trace = {"proto": "local", "user": "masq-local"}
         if len(self.forwarders) == 1:
@@ -257,6 +359,16 @@ class Plan:
         except Error as e:
             return ("Z" if e.temporary else "D", f"unable to forward to {where}: {e}")
         return ("K", f"forwarded to {where}" + (f" as {qid}" if qid else ""))
+
+    def _inject(self, reader):
+        """A user's ~/.forward: resubmit as that user, through masq-inject (sendmail)."""
+        argv = [_beside("masq-inject"), "-i", "-f", self.sender or "<>", "--", *self.forward]
+        env = self._env({"rcpt": self.forwarders[0], "local": "", "domain": ""}, _me())
+        try:
+            mailbox.command(argv, b"", reader, env, timeout=_timeout(self.conf))
+        except DeliveryError as e:
+            return (e.letter, f"unable to forward to {', '.join(self.forward)}: {e}")
+        return ("K", f"forwarded to {', '.join(self.forward)} (~/.forward)")
 
     # -- answering
 
@@ -279,6 +391,129 @@ class Plan:
             first += f" (the other {len(done)} target{'s' if len(done) > 1 else ''} " \
                      "of this address were delivered)"
         return (letter, first)
+
+
+def deliver_targets(conf, sender, pairs, source, qid=None):
+    """masq-local --targets: deliver exactly these (target, recipient) pairs as this user.
+
+    A target is `mailbox:USER` (this process's own user: the mailbox, or
+    what ~/.forward says instead), `|command` or `/file` (`/folder/`: a
+    maildir).  No alias is expanded: masq-send did that.  Answers
+    (letter, text) per pair.
+    """
+    me = pwd.getpwuid(os.getuid())
+    plan = Plan(conf, sender, qid)
+    plan.resubmit = True
+    answers = []
+    for target, rcpt in pairs:
+        local, domain = address.split(rcpt)
+        info = {"rcpt": rcpt, "local": address.unquote_local(local), "domain": domain.lower()}
+        wants = []
+        plan.wants.append(wants)
+        answers.append(None)
+        try:
+            if target.startswith("mailbox:"):
+                if target[len("mailbox:"):] != me.pw_name:
+                    raise DeliveryError(f"masq-local runs as {me.pw_name}: it delivers to no "
+                                        f"other user's mailbox ({target})")
+                wants += _mailbox_or_forward(plan, conf, me, info)
+            elif aliases.kind(target) in ("pipe", "file"):
+                wants.append(plan._job(target, info))
+            else:
+                raise DeliveryError(f"not a target masq-local --targets takes: {target}",
+                                    temporary=False)
+        except DeliveryError as e:
+            answers[-1] = e.answer()
+    source.expect(plan.copies())
+    plan.run(source)
+    return [answer if answer else plan.answer(i) for i, answer in enumerate(answers)]
+
+
+def _mailbox_or_forward(plan, conf, me, info):
+    """The wants of a user's own mailbox: ~/.forward's targets if it is safe, else the mailbox."""
+    found, note = read_forward(me)
+    if note:
+        log.warn(note)
+    if found is None:
+        return [plan._job(Mailbox(me.pw_name), info)]
+    wants = []
+    for target in found:
+        what = aliases.kind(target)
+        if what == "remote":
+            local, _, domain = target.rpartition("@")
+            if domain.lower() in conf.local_domains:
+                what, target = "local", local
+        if what == "local":
+            name = address.unquote_local(target.lstrip("\\")).lower()
+            if name == me.pw_name:
+                wants.append(plan._job(Mailbox(name), info))
+                continue
+            what, target = "remote", f"{name}@{conf.hostname}"
+        if what == "include":
+            log.warn(f"{me.pw_dir}/.forward: {target}: :include: is for the aliases file; "
+                     "ignored")
+            continue
+        wants.append(plan._job(target, info))
+    if not wants:
+        wants.append(("K", f"{me.pw_dir}/.forward names nothing to deliver to"))
+    return wants
+
+
+def read_forward(pw):
+    """(targets or None, note): the targets of a user's ~/.forward, read as that user.
+
+    None when there is none, or when it is not safe: not a regular file,
+    a symbolic link, not owned by the user, or writable by group or others
+    (whoever can change it chooses what runs as the user); the note says why
+    it was ignored, for the log.
+    """
+    path = os.path.join(pw.pw_dir, ".forward")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"{path} ignored: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+                   else f"is owned by uid {st.st_uid}, not {pw.pw_name}"
+                   if st.st_uid != pw.pw_uid
+                   else "is writable by group or others" if st.st_mode & 0o022 else "")
+        if problem:
+            return None, f"{path} ignored: it {problem}"
+        data = os.read(fd, MAX_FORWARD_BYTES + 1)
+    except OSError as e:
+        return None, f"{path} ignored: {e.strerror}"
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FORWARD_BYTES:
+        return None, f"{path} ignored: larger than {MAX_FORWARD_BYTES} bytes"
+    found = []
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                found += aliases.split_targets(line)
+            except ValueError as e:
+                return None, f"{path} ignored: {e}"
+    return (found or None), ("" if found else f"{path} ignored: it names no target")
+
+
+def _target_word(key):
+    """How masq-local --targets names the delivery of a system-mode key."""
+    if key[0] == "user":
+        return f"mailbox:{key[1]}"
+    if key[0] == "pipe":
+        return f"|{key[1]}"
+    return key[1]
+
+
+def _beside(name):
+    """A masq program from this installation: beside the interpreter, else on $PATH."""
+    import shutil   # only a forward from ~/.forward needs it
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.access(path, os.X_OK) else (shutil.which(name) or name)
 
 
 def _delivered_to(section):

@@ -26,6 +26,19 @@ mbox     mboxrd: a `From sender date` line, every line matching ^>*From_
          whole queue run of masq-send) tries that mbox only once for the
          next BUSY_SECONDS, so a run with many messages for a locked mbox
          is not stalled 20 s per message.
+Paths a user controls are hostile to a process running as root (single-user
+mode run as root; system mode never delivers as root): the maildir's tmp,
+new and cur and the mbox are opened from a descriptor of their folder,
+never through a symbolic link (O_NOFOLLOW; as root the maildir folder
+itself too), and every later step (create, link, lock) is relative to that
+descriptor, so a folder swapped for a link halfway changes nothing.
+
+A group borrowed for the mbox spool (system mode: masq-lspawn(8) gives
+masq-local the effective group `mail` so it can create /var/mail/USER and
+its dot-lock) is dropped by drop_group() before anything else: command()
+always drops it, and masq-local drops it before every target that is not
+the user's own mailbox.
+
 command  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          alias), message on stdin, stdout and stderr kept for the reason:
          exit 0 delivered; a temporary code of masq.program's table (75,
@@ -60,14 +73,25 @@ def maildir(folder, head, stream):
     """Deliver into the maildir `folder`; return 'maildir FOLDER'."""
     folder = folder.rstrip("/") or "/"
     try:
-        _make_maildir(folder)
+        fds = _open_maildir(folder)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DeliveryError(f"maildir {folder} or its tmp, new or cur is a symbolic "
+                                "link: refusing to write through it") from None
         raise DeliveryError(f"unable to create maildir {folder}: {e.strerror}") from None
-    name = _unique_name()
-    tmp = os.path.join(folder, "tmp", name)
-    new = os.path.join(folder, "new", name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return _maildir_write(folder, fds, head, stream)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _maildir_write(folder, fds, head, stream):
+    name = _unique_name()
+    tmp, new = os.path.join(folder, "tmp", name), os.path.join(folder, "new", name)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                     dir_fd=fds["tmp"])
     except OSError as e:
         raise DeliveryError(f"unable to create {tmp}: {e.strerror}") from None
     try:
@@ -78,33 +102,58 @@ def maildir(folder, head, stream):
         finally:
             os.close(fd)
         try:
-            os.link(tmp, new)
+            os.link(name, name, src_dir_fd=fds["tmp"], dst_dir_fd=fds["new"])
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            os.rename(tmp, new)     # a file system without hard links
-        fsync_dir(os.path.join(folder, "new"))
+            # a file system without hard links
+            os.rename(name, name, src_dir_fd=fds["tmp"], dst_dir_fd=fds["new"])
+        os.fsync(fds["new"])
     except OSError as e:
-        _unlink(tmp)
-        raise DeliveryError(f"unable to write into maildir {folder}: {e.strerror}") from None
+        _unlink(name, fds["tmp"])
+        raise DeliveryError(f"unable to write into maildir {folder}: {e.strerror} "
+                            f"({new})") from None
     except BaseException:
-        _unlink(tmp)
+        _unlink(name, fds["tmp"])
         raise
-    _unlink(tmp)
+    _unlink(name, fds["tmp"])
     return f"maildir {folder}/"
 
 
-def _make_maildir(folder):
-    """Create the folder and its tmp, new and cur when missing."""
+def _open_maildir(folder):
+    """{"": folder fd, "tmp", "new", "cur"}: made when missing, never through a link."""
     made = False
-    for sub in ("", "tmp", "new", "cur"):
-        path = os.path.join(folder, sub) if sub else folder
-        if not os.path.isdir(path):
-            os.makedirs(path, 0o700, exist_ok=True)
-            made = True
-    if made:
-        fsync_dir(folder)
-        fsync_dir(os.path.dirname(folder) or ".")
+    if not os.path.isdir(folder):
+        os.makedirs(folder, 0o700, exist_ok=True)
+        made = True
+    # the folder the configuration names may be a link a user made for
+    # themselves; not when root delivers: then the user could point it anywhere
+    nofollow = os.O_NOFOLLOW if os.geteuid() == 0 else 0
+    if nofollow:
+        parent = os.open(os.path.dirname(folder) or ".", os.O_RDONLY | os.O_DIRECTORY
+                         | os.O_CLOEXEC)
+        try:
+            fds = {"": _open_folder(os.path.basename(folder), parent)}
+        finally:
+            os.close(parent)
+    else:
+        fds = {"": os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)}
+    try:
+        for sub in ("tmp", "new", "cur"):
+            try:
+                os.mkdir(sub, 0o700, dir_fd=fds[""])
+                made = True
+            except FileExistsError:
+                pass
+            fds[sub] = _open_folder(sub, fds[""])
+        if made:
+            os.fsync(fds[""])
+            fsync_dir(os.path.dirname(folder) or ".")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
 
 
 def _unique_name():
@@ -117,13 +166,18 @@ def _unique_name():
             f"Q{_counter}R{os.urandom(8).hex()}.{host}")
 
 
-def mbox(path, head, stream, sender):
-    """Append to the mbox `path` (created if missing); return 'mbox PATH'."""
+def mbox(path, head, stream, sender, mode=0o600):
+    """Append to the mbox `path` (created with `mode` if missing); return 'mbox PATH'."""
+    folder, name = os.path.split(path)
     try:
-        os.makedirs(os.path.dirname(path) or ".", 0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        os.makedirs(folder or ".", 0o700, exist_ok=True)
+        dfd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
+        raise DeliveryError(f"unable to open the folder of mbox {path}: {e.strerror}") from None
+    try:
+        fd = _open_mbox(name, dfd, mode)
+    except OSError as e:
+        os.close(dfd)
         if e.errno == errno.ELOOP:
             raise DeliveryError(f"{path} is a symbolic link: refusing to write "
                                 "through it") from None
@@ -132,7 +186,7 @@ def mbox(path, head, stream, sender):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DeliveryError(f"{path} is not a regular file", temporary=False)
-        lock = _lock(fd, path)
+        lock = _lock(fd, path, dfd)
         if isinstance(stream, io.RawIOBase):
             stream = io.BufferedReader(stream, COPY_BYTES)   # readline, not read(1)s
         _append(fd, path, head, stream, sender)
@@ -140,7 +194,45 @@ def mbox(path, head, stream, sender):
         if lock:
             _unlock(*lock)
         os.close(fd)        # drops the lockf lock too
+        os.close(dfd)
     return f"mbox {path}"
+
+
+def _open_mbox(name, dfd, mode):
+    """The mbox in the folder dfd, opened for appending, made with exactly `mode`."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        # O_EXCL never follows a link: a new file is ours, and its mode is set
+        # past the umask (a delivery as the user runs under umask 077)
+        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dfd)
+        os.fchmod(fd, mode)
+    except FileExistsError:
+        fd = os.open(name, flags, dir_fd=dfd)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _open_folder(name, dfd):
+    """A folder in dfd, never through a link (O_DIRECTORY makes a link ENOTDIR: say ELOOP)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dfd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.lstat(name, dir_fd=dfd).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
+def borrowed_group():
+    """True while this process has an effective group that is not its real one."""
+    return os.getegid() != os.getgid()
+
+
+def drop_group():
+    """Give up a borrowed group for good: real, effective and saved become the real one."""
+    rgid, egid, sgid = os.getresgid()
+    if egid != rgid or sgid != rgid:
+        os.setresgid(rgid, rgid, rgid)
 
 
 def _append(fd, path, head, stream, sender):
@@ -193,13 +285,14 @@ def _quote_into(reader, out):
         at_start = piece.endswith(b"\n")
 
 
-def _stale(dotlock):
+def _stale(dotlock, dfd):
     """The lstat of a stale dot-lock (its PID is dead, or it is old), else None.
 
     A file larger than a PID line is not a lock at all: never removed.  One
-    that is not a regular file raises DeliveryError.
+    that is not a regular file raises DeliveryError.  dfd: the folder.
     """
-    st = os.lstat(dotlock)          # FileNotFoundError: released meanwhile
+    name = os.path.basename(dotlock)
+    st = os.lstat(name, dir_fd=dfd)     # FileNotFoundError: released meanwhile
     _refuse_odd(dotlock, st.st_mode)
     if st.st_size > MAX_LOCK_BYTES:
         return None
@@ -207,8 +300,8 @@ def _stale(dotlock):
         return st
     # swapped since the lstat?  O_NOFOLLOW fails on a link, O_NONBLOCK does not
     # wait for a FIFO's writer, and the fstat refuses whatever was opened
-    fd = os.open(dotlock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                 | os.O_CLOEXEC)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                 | os.O_CLOEXEC, dir_fd=dfd)
     try:
         _refuse_odd(dotlock, os.fstat(fd).st_mode)
         text = os.read(fd, MAX_LOCK_BYTES).strip()
@@ -232,25 +325,31 @@ def _refuse_odd(dotlock, mode):
         raise DeliveryError(f"{dotlock} is {kind}, not a lock: remove it to let mail in")
 
 
-def _lock(fd, path):
-    """Take the dot-lock and the fcntl lock; return (dot-lock path, its identity) or None."""
+def _lock(fd, path, dfd):
+    """Take the dot-lock and the fcntl lock; return (dot-lock path, identity, dfd) or None."""
     wait, dotlock = _Wait(path), path + ".lock"
+    name = os.path.basename(dotlock)
+    cleared = False             # a stale lock was removed: the next try is at once, once
     while True:
         try:
             # O_EXCL never follows a symbolic link: a link named so is EEXIST
-            lfd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            lfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=dfd)
             try:
                 st = os.fstat(lfd)
                 os.write(lfd, b"%d\n" % os.getpid())
             finally:
                 os.close(lfd)
-            lock = (dotlock, (st.st_dev, st.st_ino))
+            lock = (dotlock, (st.st_dev, st.st_ino), dfd)
             break
         except FileExistsError:
             try:
-                st = _stale(dotlock)
+                st = _stale(dotlock, dfd)
                 if st is not None:
-                    _unlock(dotlock, (st.st_dev, st.st_ino))
+                    _unlock(dotlock, (st.st_dev, st.st_ino), dfd)
+                    if not cleared:
+                        cleared = True
+                        continue
             except OSError:
                 pass                # released meanwhile, or unreadable: try again later
         except OSError as e:
@@ -299,12 +398,13 @@ class _Wait:
         self.pause = min(self.pause * 2, LOCK_PAUSE_SECONDS)
 
 
-def _unlock(dotlock, identity):
+def _unlock(dotlock, identity, dfd):
     """Remove the dot-lock if it is still that regular file (never someone else's)."""
+    name = os.path.basename(dotlock)
     try:
-        st = os.lstat(dotlock)
+        st = os.lstat(name, dir_fd=dfd)
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == identity:
-            os.unlink(dotlock)      # unlink never follows: it removes the name
+            os.unlink(name, dir_fd=dfd)     # unlink never follows: it removes the name
     except OSError:
         pass
 
@@ -313,6 +413,7 @@ def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):
     """Run a delivery program with the message on stdin; return 'program NAME'."""
     import subprocess   # with tempfile: several ms that a maildir or mbox delivery
     import tempfile     # does not pay (masq.child)
+    drop_group()        # a program never runs with the mail spool's group
     name = name or os.path.basename(argv[0])
     with tempfile.TemporaryFile() as output:
         try:
@@ -361,8 +462,8 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _unlink(path):
+def _unlink(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass

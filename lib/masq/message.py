@@ -20,7 +20,11 @@ def message_id(qid, hostname):
 
 
 def received(qid, hostname, trace):
-    """The Received: line masq-queue puts on top (RFC 5321 section 4.4)."""
+    """The Received: line masq-queue puts on top (RFC 5321 section 4.4).
+
+    With trace["add"] ("date", "message-id" or both), the Date: and
+    Message-ID: fields the message lacks follow it (RFC 5322 section 3.6).
+    """
     proto = trace.get("proto") or "local"
     lines = []
     if proto == "local":
@@ -38,4 +42,40 @@ def received(qid, hostname, trace):
     if trace.get("for"):
         lines.append(f"\tfor <{trace['for']}>")
     lines[-1] += f"; {date()}"
+    added = (trace.get("add") or "").split()
+    if "date" in added:
+        lines.append(f"Date: {date()}")
+    if "message-id" in added:
+        lines.append(f"Message-ID: {message_id(qid, hostname)}")
     return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def missing(stream, limit=65536):
+    """(names, stream): which of "date" and "message-id" the message lacks, and
+    a stream that gives the whole message again.  Reads the header section
+    only; one longer than `limit` bytes is said to lack nothing."""
+    import io
+    from masq import headers    # only a message that may get fields pays for it
+    head = b""
+    while not (head.startswith(b"\n") or b"\n\n" in head):
+        if len(head) >= limit:
+            return [], _Replay(head, stream)
+        data = stream.read(limit)
+        if not data:
+            break
+        head += data
+    section = headers.scan(io.BytesIO(head))
+    return [n for n in ("date", "message-id") if not section.has(n)], _Replay(head, stream)
+
+
+class _Replay:
+    """A stream that gives `head`, then what `stream` gives."""
+
+    def __init__(self, head, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n=-1):
+        if self.head:
+            data, self.head = self.head, b""
+            return data
+        return self.stream.read(n)

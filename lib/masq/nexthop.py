@@ -23,7 +23,7 @@ used, masq.Error (code 111) for a configuration that cannot work.
 """
 from masq import mx, net
 from masq.clientroute import Route, config_error
-from masq.connection import TLSFailed, tcp, wrapper
+from masq.connection import ConnectFailed, TLSFailed, tcp, wrapper
 from masq.outcome import DeliveryError
 from masq.smtpclient import ClientSession
 
@@ -65,15 +65,22 @@ def _open(make, route, server_hostname):
 
 def _open_host(route, name, port, addresses):
     """Try the addresses of one host in turn."""
-    last = DeliveryError(f"host {name} has no address")
+    last = ConnectFailed(f"host {name} has no address")
     for address in addresses:
         peer = f"{name}[{address}]"
         try:
             return _open(lambda a=address, p=peer: tcp(a, port, p, route.timeouts[
                 "connect_timeout"]), route, name)
         except DeliveryError as e:
-            last = e
+            last = _telling(last, e)
     raise last
+
+
+def _telling(last, new):
+    """The error to report of two: a server's answer says more than no connection
+    (and only when no host answered is it a connection error: connect_error_fail)."""
+    return last if isinstance(new, ConnectFailed) and not isinstance(last, ConnectFailed) \
+        else new
 
 
 def _resolve_host(conf, host):
@@ -85,15 +92,15 @@ def _resolve_host(conf, host):
         try:
             addresses = mx.addresses_of(mx.resolver(servers), host)
         except mx.MXError as e:
-            raise DeliveryError(str(e)) from None
+            raise ConnectFailed(str(e)) from None
         if not addresses:
-            raise DeliveryError(f"host {host} has no address")
+            raise ConnectFailed(f"host {host} has no address")
         return addresses
     import socket       # costly, and only needed when a connection is made
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise DeliveryError(f"unable to find the address of {host}: {e.strerror}") from None
+        raise ConnectFailed(f"unable to find the address of {host}: {e.strerror}") from None
     seen = []
     for info in infos:
         if info[4][0] not in seen:
@@ -123,13 +130,13 @@ def _connect_mx(conf, route, domain):
     last = None
     for host in usable:
         if not host.addresses:
-            last = last or DeliveryError(f"MX host {host.name} of {domain} has no address")
+            last = last or ConnectFailed(f"MX host {host.name} of {domain} has no address")
             continue
         try:
             return _open_host(route, host.name, route.port, host.addresses)
         except DeliveryError as e:
-            last = e
-    raise DeliveryError(last.text, temporary=last.temporary)
+            last = _telling(last, e) if last else e
+    raise type(last)(last.text, temporary=last.temporary)
 
 
 def my_networks(conf):

@@ -9,8 +9,12 @@ defers that message (sent again at once it could arrive twice), and
 LOST_SESSIONS_LIMIT lost in a row make the destination down.
 
 A destination that is down is not tried again in this run, nor in later
-ones until its back-off ends; the host status store (masq.hoststat) keeps
+ones until its back-off ends (runq: queue.hoststat_timeout) or its route
+comes up (route_came_up()); the host status store (masq.hoststat) keeps
 that between runs, written once per destination, not per message.
+
+Recipients a route defers go on to the next route of their decision
+(route.Decision.routes) in a further round of the same run (deliver()).
 """
 import os
 import time
@@ -44,15 +48,20 @@ class Relay:
 
     def deliver(self, plans, done):
         """Send the route groups of these plans (attempt.Plan); done(plan) in this
-        thread as each plan has all its answers, or is given up unanswered."""
+        thread as each plan has all its answers, or is given up unanswered.
+
+        Recipients deferred on one route and allowed on a next one go to it
+        in a further round, once all of this round's destinations are done:
+        one round per route at most, each destination's messages in order.
+        """
         import queue as queues     # threads only for mail that leaves: runq to a maildir
         import threading           # must not pay for importing them
-        jobs = {}
+        jobs, later = {}, {}        # this round's groups, the next round's
         for plan in plans:
             plan.open = len(plan.remote)
             for dest, indices in plan.remote.items():
                 jobs.setdefault(dest, []).append((plan, indices))
-        work, answers, threads = queues.SimpleQueue(), queues.SimpleQueue(), []
+        answers, threads = queues.SimpleQueue(), []
 
         def take(answer):
             """Apply one worker's answer; False when that worker has ended."""
@@ -65,23 +74,35 @@ class Relay:
                 return True
             _, plan, dest, indices, results = answer
             if results is not None:
-                plan.add(indices, results, dest[0])
+                for name, again in plan.add(indices, results, dest[0]).items():
+                    groups = {}
+                    for i in again:
+                        groups.setdefault(self.destination(name, plan.msg.recipients[i]),
+                                          []).append(i)
+                    for next_dest, group in groups.items():
+                        later.setdefault(next_dest, []).append((plan, group))
+                    plan.open += len(groups)
             plan.open -= 1
             if plan.open == 0:
                 done(plan)
             return True
 
         try:
-            self.check_hosts(jobs)
-            for item in jobs.items():
-                work.put(item)
-            for _ in range(min(self.parallel, len(jobs))):
-                threads.append(threading.Thread(target=self._worker, args=(work, answers),
-                                                daemon=True))
-                threads[-1].start()
-            running = len(threads)
-            while running:
-                running -= not take(answers.get())
+            while jobs:
+                self.check_hosts(jobs)
+                work = queues.SimpleQueue()
+                for item in jobs.items():
+                    work.put(item)
+                threads = [threading.Thread(target=self._worker, args=(work, answers),
+                                            daemon=True)
+                           for _ in range(min(self.parallel, len(jobs)))]
+                for thread in threads:
+                    thread.start()
+                running = len(threads)
+                while running:
+                    running -= not take(answers.get())
+                jobs = dict(later)
+                later.clear()
         finally:
             # after an error here: no worker may still be sending a message
             # that is finished (recorded, unlocked) below
@@ -125,6 +146,7 @@ class Relay:
     def send(self, dest, msg, indices, answers):
         """One message's recipients for one destination; [(letter, text)]."""
         from masq import nexthop, outcome  # ssl, socket, DNS: only when mail leaves
+        from masq.connection import ConnectFailed
         name, domain = dest
         rcpts = [msg.recipients[i] for i in indices]
         down = self.down.get(dest)
@@ -140,9 +162,12 @@ class Relay:
             try:
                 session = nexthop.connect(self.conf, smtp_route, domain)
             except outcome.DeliveryError as e:
-                self.down[dest] = (time.time(), e.letter, e.text)
+                letter, text = e.letter, e.text
+                if smtp_route.connect_error_fail and isinstance(e, ConnectFailed):
+                    letter, text = outcome.PERMANENT, f"{text} (connect_error_fail)"
+                self.down[dest] = (time.time(), letter, text)
                 answers.put(("host", dest, "down" if e.letter == "Z" else "refused", e.text))
-                return [(e.letter, e.text)] * len(rcpts)
+                return [(letter, text)] * len(rcpts)
             except Error as e:          # the route cannot work as configured
                 self.down[dest] = (time.time(), "Z", str(e))
                 return [("Z", str(e))] * len(rcpts)
@@ -186,7 +211,7 @@ class Relay:
                 continue
             until = host.updated + attempt.backoff(self.conf, host.failures)
             if self.runq:
-                until = min(until, host.updated + self.conf.get("queue.hoststat_timeout"))
+                until = min(until, host.updated + hoststat_timeout(self.conf))
             if now < until:
                 self.down[dest] = (host.updated, "Z", host.text)
 
@@ -225,6 +250,34 @@ class Relay:
         self.sessions = {}
         if self.hosts is not None:
             self.hosts.close()
+
+
+def hoststat_timeout(conf):
+    """How long a queue run by hand believes a host is down (queue.hoststat_timeout).
+
+    A few seconds by default, so that runq tries every host again (masqmail
+    keeps no host status at all) unless another run saw it fail just now.
+    """
+    value = conf.get("queue.hoststat_timeout")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise Error(f"{conf.file}: queue.hoststat_timeout must be a number of seconds",
+                    code=78, temporary=True)
+    return value
+
+
+def route_came_up(conf, queue, names):
+    """Forget the host status of these routes' destinations: a route that comes up
+    (the online file or command names it, sendmail -qo NAME) is tried at once."""
+    if not names:
+        return
+    store = hoststat.HostStat(queue.path)
+    try:
+        for name in sorted(names):
+            store.forget(name)
+    except hoststat.HostStatError as e:
+        log.warn(str(e))
+    finally:
+        store.close()
 
 
 def _label(conf, dest):

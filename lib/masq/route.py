@@ -5,9 +5,12 @@ The decision is made at delivery time from the configuration as it is then
 queue.  For one recipient:
 
 1. a local domain (or no domain at all): "local";
-2. else the first [route.NAME] table, in the order of the file, whose
-   patterns allow this sender, recipient and From: header: "route" if that
-   route is up, and otherwise the search goes on among the routes that are up;
+2. else the [route.NAME] tables, in the order of the file, whose patterns
+   allow this sender, recipient and From: header and that are up: "route",
+   with these routes in order (Decision.routes).  masq-send tries the first;
+   a recipient it defers goes on to the next in the same run, as masqmail's
+   deliver.c does, except after a route with `last_route = true`: the list
+   ends there;
 3. some route would allow it but none of those is up: "wait";
 4. no route could ever take it: "bounce".
 
@@ -33,13 +36,15 @@ class RouteError(Error):
 
 
 class Decision:
-    """kind: "local" | "route" | "wait" | "bounce"; route: a route's name; reason: text."""
+    """kind: "local" | "route" | "wait" | "bounce"; route: a route's name; reason: text;
+    routes: for "route", the names to try in turn after a temporary failure."""
 
-    def __init__(self, kind, route=None, reason=""):
+    def __init__(self, kind, route=None, reason="", routes=()):
         self.kind, self.route, self.reason = kind, route, reason
+        self.routes = list(routes) or ([route] if kind == "route" else [])
 
     def __repr__(self):
-        return f"Decision({self.kind!r}, {self.route!r}, {self.reason!r})"
+        return f"Decision({self.kind!r}, {self.route!r}, {self.reason!r}, {self.routes!r})"
 
 
 def online(conf, forced=None):
@@ -83,7 +88,7 @@ def decide(conf, recipient, sender="", up=(), from_header=None, size=None):
     """The Decision for one recipient (of a message of `size` bytes, if known)."""
     if not address.domain_of(recipient) or address.is_local(recipient, conf.local_domains):
         return Decision("local")
-    waiting, too_big = None, None
+    waiting, too_big, routes = None, None, []
     for name, table in conf.routes:
         if not allows(table, sender, recipient, from_header):
             continue
@@ -92,8 +97,12 @@ def decide(conf, recipient, sender="", up=(), from_header=None, size=None):
             too_big = too_big or (name, limit)
             continue
         if name in up:
-            return Decision("route", name)
+            routes.append(name)
+            if flag(table, name, "last_route"):
+                break
         waiting = waiting or name
+    if routes:
+        return Decision("route", routes[0], routes=routes)
     if waiting:
         return Decision("wait", waiting, f"waiting for route {waiting} to come online")
     domain = address.domain_of(recipient)
@@ -120,6 +129,14 @@ def allows(table, sender, recipient, from_header=None):
         if denied and matches(denied, value):
             return False
     return True
+
+
+def flag(table, name, key):
+    """A boolean key of [route.NAME] (false when absent); anything else is an error."""
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise RouteError(f"[route.{name}] {key} must be true or false")
+    return value
 
 
 def matches(patterns, addr):

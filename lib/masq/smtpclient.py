@@ -15,8 +15,10 @@ LF line ends as stored in the spool, or a masq.wiremessage.WireMessage made
 from one (to send the same message over several sessions).  It returns one
 (letter, text) per recipient, in order: "K" accepted, "Z" temporary failure,
 "D" permanent failure; text names the remote host and holds its reply, on
-one line.  After a lost connection, a timeout or a 421, `session.usable` is
-False and the next message needs a new connection.
+one line.  Recipients over the server's limit go in further transactions
+on the same connection.  After a lost connection, a timeout or a 421,
+`session.usable` is False and the next message needs a new connection; the
+answers read before it are kept (a 550 stays a 550).
 
 Timeouts (seconds, route keys): connect_timeout 30, greeting_timeout 300,
 command_timeout 300 (EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET), data_timeout
@@ -70,6 +72,7 @@ class ClientSession:
 
     def __init__(self, conn, route, server_hostname):
         self.conn, self.route = conn, route
+        self._peer = conn.peer      # still named once the connection is closed
         self.server_hostname = server_hostname
         self.extensions = {}
         self.usable = True
@@ -78,7 +81,7 @@ class ClientSession:
 
     @property
     def peer(self):
-        return self.conn.peer
+        return self._peer
 
     # -- opening ---------------------------------------------------------
     def open(self):
@@ -186,19 +189,50 @@ class ClientSession:
 
     # -- one message -----------------------------------------------------
     def send(self, sender, recipients, stream):
-        """Send one message; [(letter, text)] in the order of `recipients`."""
-        try:
-            return self._send(sender, list(recipients), stream)
-        except DeliveryError as e:
-            self.usable = False
-            self.close()
-            return [(e.letter, e.text)] * len(recipients)
+        """Send one message; [(letter, text)] in the order of `recipients`.
 
-    def _send(self, sender, recipients, stream):
-        if not self.usable:
-            raise DeliveryError(f"{self.peer}: the connection is closed")
+        Recipients the server has no room for go in the next transaction on
+        this connection: over its LIMITS RCPTMAX (RFC 9422), or answered 452
+        once others were taken (RFC 5321 section 4.5.3.1.10: a client that
+        gets 452 for too many recipients sends the rest in another one).
+        """
+        recipients = list(recipients)
+        results = [None] * len(recipients)
+        todo = list(range(len(recipients)))
         message = stream if isinstance(stream, wiremessage.WireMessage) \
             else wiremessage.WireMessage(stream)
+        while todo:
+            size = self._rcpt_max() or len(todo)
+            batch, rest = todo[:size], todo[size:]
+            try:
+                answers = self._send(sender, [recipients[i] for i in batch], message)
+            except DeliveryError as e:
+                self.usable = False
+                self.close()
+                answers = [(e.letter, e.text)] * len(batch)
+            for i, answer in zip(batch, answers, strict=True):
+                results[i] = answer
+            todo = [i for i, answer in zip(batch, answers, strict=True) if answer is None] + rest
+            if todo and not self.usable:
+                for i in todo:
+                    results[i] = ("Z", f"{self.peer}: the connection was closed before "
+                                       "the transaction for this recipient")
+                break
+        return results
+
+    def _rcpt_max(self):
+        """The recipients one transaction may have, from LIMITS RCPTMAX=n (RFC 9422), or None."""
+        for word in self.extensions.get("LIMITS", "").split():
+            name, _, value = word.partition("=")
+            if name.upper() == "RCPTMAX" and value.isdigit() and value.isascii() \
+                    and int(value) > 0:
+                return int(value)
+        return None
+
+    def _send(self, sender, recipients, message):
+        """One transaction: (letter, text) per recipient; None: send it in the next one."""
+        if not self.usable:
+            raise DeliveryError(f"{self.peer}: the connection is closed")
         ext = self.extensions
         envelope_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         if (envelope_utf8 or message.utf8_addresses) and "SMTPUTF8" not in ext:
@@ -224,31 +258,49 @@ class ClientSession:
         except ValueError as e:
             return self._all(recipients, "D", f"bad address: {e}")
         timeouts = self.timeouts
-        if "PIPELINING" in ext:
-            # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies
-            self.conn.write(mail + b"".join(rcpts) + b"DATA\r\n", timeouts["command_timeout"])
-            mail_reply = self._reply(timeouts["command_timeout"], "to MAIL FROM")
-            rcpt_replies = [self._reply(timeouts["command_timeout"], "to RCPT TO")
-                            for _ in rcpts]
-            data_reply = self._reply(timeouts["data_timeout"], "to DATA")
-        else:
-            mail_reply = self.command(mail[:-2], "to MAIL FROM")
-            rcpt_replies, data_reply = [], None
-            if mail_reply.code // 100 == 2:
-                rcpt_replies = [self.command(r[:-2], "to RCPT TO") for r in rcpts]
-                if any(r.code // 100 == 2 for r in rcpt_replies):
-                    data_reply = self.command(b"DATA", "to DATA")
+        mail_reply, rcpt_replies, data_reply = None, [], None
+        try:
+            if "PIPELINING" in ext:
+                # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies
+                self.conn.write(mail + b"".join(rcpts) + b"DATA\r\n",
+                                timeouts["command_timeout"])
+                mail_reply = self._reply(timeouts["command_timeout"], "to MAIL FROM")
+                for _ in rcpts:
+                    rcpt_replies.append(self._reply(timeouts["command_timeout"], "to RCPT TO"))
+                data_reply = self._reply(timeouts["data_timeout"], "to DATA")
+            else:
+                mail_reply = self.command(mail[:-2], "to MAIL FROM")
+                if mail_reply.code // 100 == 2:
+                    for r in rcpts:
+                        rcpt_replies.append(self.command(r[:-2], "to RCPT TO"))
+                    if any(r.code // 100 == 2 for r in rcpt_replies):
+                        data_reply = self.command(b"DATA", "to DATA")
+        except DeliveryError as e:
+            # a 421 or a lost connection ends the session (RFC 5321 section 3.8),
+            # not the answers read before it: a refused recipient stays refused
+            if mail_reply is None or not rcpt_replies:
+                raise
+            self.usable = False
+            self.close()
+            if mail_reply.code // 100 != 2:
+                return self._all(recipients, mail_reply.letter,
+                                 f"{self.peer} said to MAIL FROM: {mail_reply.text}")
+            return [(reply.letter, f"{self.peer} said: {reply.text}")
+                    if reply.code // 100 != 2 else (e.letter, e.text) for reply in rcpt_replies] \
+                + [(e.letter, e.text)] * (len(recipients) - len(rcpt_replies))
         if mail_reply.code // 100 != 2:
             self._reset(data_reply)
             return self._all(recipients, mail_reply.letter,
                              f"{self.peer} said to MAIL FROM: {mail_reply.text}")
         results = [None] * len(recipients)
-        accepted = []
+        accepted, over = [], []
         for i, reply in enumerate(rcpt_replies):
             if reply.code // 100 == 2:
                 accepted.append(i)
             else:
                 results[i] = (reply.letter, f"{self.peer} said: {reply.text}")
+                if reply.code == 452:
+                    over.append(i)
         if not accepted or data_reply.code != 354:
             self._reset(data_reply)
             for i in accepted:
@@ -276,6 +328,9 @@ class ClientSession:
         for n, i in enumerate(accepted):
             reply = final[n] if self.lmtp else final[0]
             results[i] = (reply.letter, f"{self.peer} said: {reply.text}")
+        if any(results[i][0] == "K" for i in accepted):
+            for i in over:          # the server made progress: the rest go next
+                results[i] = None
         return results
 
     def _write_message(self, message):

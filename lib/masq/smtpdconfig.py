@@ -26,6 +26,7 @@ SETTINGS = {
     "tls_key": "",              # PEM file; "": the key is in tls_cert's file
     "passwords": "passwd",      # AUTH users (masq-setup passwd); absent: no AUTH
     "auth_without_tls": False,  # unsafe: passwords in clear text on the network
+    "add_missing_headers": "trusted",   # Date:, Message-ID: "trusted" | "all" | "none"
 }
 TLS_MIN_VERSION = "TLSv1_2"
 
@@ -62,6 +63,9 @@ def read_settings(conf):
                                      "address or address/length")
     if settings["pregreet"] not in ("reject", "ignore"):
         raise config.ConfigError(f'{conf.file}: smtpd.pregreet must be "reject" or "ignore"')
+    if settings["add_missing_headers"] not in ("trusted", "all", "none"):
+        raise config.ConfigError(f'{conf.file}: smtpd.add_missing_headers must be "trusted", '
+                                 '"all" or "none"')
     return settings
 
 

@@ -54,7 +54,8 @@ SIZE_DIGITS = 16
 HEADER_BYTES = len(MAGIC) + SIZE_DIGITS + 1
 STAGES = ("incoming", "active", "hold")
 FOLDERS = ("tmp", *STAGES, "corrupt")
-KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal")
+KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal",
+               "drop", "control")     # system mode: masq.drop, masq.control
 COPY_BYTES = 65536
 TMP_GRACE_SECONDS = 60         # check leaves younger tmp/ files alone (created, not yet locked)
 TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
@@ -75,12 +76,22 @@ class TooBigError(SpoolError):
     temporary = False
 
 
+class NulError(SpoolError):
+    """A NUL byte in the message: RFC 5322 section 2.3 allows none, and a
+    delivery program reading C strings would cut the message there."""
+
+    code = 65
+    temporary = False
+
+
 class FormatError(SpoolError):
     """A spool file is not in the format this version writes."""
 
 
 class Spool:
-    """A spool folder."""
+    """A spool folder; `woken` says whether the last trigger() found a daemon."""
+
+    woken = False
 
     def __init__(self, path):
         self.path = path
@@ -94,12 +105,17 @@ class Spool:
         for name in FOLDERS:
             os.makedirs(self.folder(name), mode=mode, exist_ok=True)
         fifo = self.folder("trigger")
-        if not os.path.exists(fifo):
+        if not os.path.lexists(fifo):
             os.mkfifo(fifo, 0o622)
         version = self.folder("VERSION")
-        if not os.path.exists(version):
-            with open(version, "w") as f:
-                f.write(f"masq-spool {VERSION}\n")
+        if not os.path.lexists(version):
+            # O_NOFOLLOW: root runs this (masq-setup system) in a folder masq owns
+            fd = os.open(version, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"masq-spool {VERSION}\n".encode())
+            finally:
+                os.close(fd)
 
     def new_message(self, max_size=None):
         """A NewMessage in tmp/: write to it, then commit() it."""
@@ -111,6 +127,8 @@ class Spool:
             names = os.listdir(self.folder(stage))
         except FileNotFoundError:
             raise SpoolError(f"no spool at {self.path}: make one with masq-setup") from None
+        except OSError as e:        # system mode: a user who is not masq
+            raise SpoolError(f"unable to list {self.folder(stage)}: {e.strerror}") from None
         return sorted(n for n in names if not n.startswith("."))
 
     def find(self, qid):
@@ -137,6 +155,7 @@ class Spool:
         try:
             fd = os.open(self.folder("trigger"), os.O_WRONLY | os.O_NONBLOCK)
         except OSError:
+            self.woken = False
             return False
         try:
             os.write(fd, b"\0")
@@ -144,6 +163,7 @@ class Spool:
             pass
         finally:
             os.close(fd)
+        self.woken = True
         return True
 
     def sync(self, stage):
@@ -234,6 +254,8 @@ class NewMessage:
         if data.endswith(b"\r"):
             data, self._carry = data[:-1], b"\r"
         data = data.replace(b"\r\n", b"\n")
+        if b"\0" in data:      # every way in writes here: refused once for all
+            raise NulError("NUL byte in the message (RFC 5322 section 2.3)")
         self.size += len(data)
         if self.max_size is not None and self.size - self.uncounted > self.max_size:
             raise TooBigError(f"message larger than the limit of {self.max_size} bytes")

@@ -13,7 +13,10 @@ read finds what MAIL FROM declares and needs:
   found with masq.headers.scan, the one reader of a header section.
 
 `chunks()` yields the message with CRLF line ends and dot-stuffed (RFC 5321
-section 4.5.2), ending with the CRLF.CRLF that ends DATA.
+section 4.5.2), ending with the CRLF.CRLF that ends DATA.  A CR not
+followed by LF (sendmail passes it into the spool) goes out as CRLF, and a
+CRLF as one line end: RFC 5321 section 2.3.8 allows no bare CR, and a
+receiver that took `\r.\r` for the end of DATA would split the message.
 """
 import io
 
@@ -49,17 +52,29 @@ class WireMessage:
         section = headers.scan(self.file)
         self.utf8_addresses = any(name in ADDRESS_HEADERS and not raw.isascii()
                                   for name, raw in section.fields)
-        self.file.seek(self.start)
-        while chunk := self.file.read(WRITE_CHUNK_BYTES):
+        for chunk in self._lines():
             self.size += len(chunk) + chunk.count(b"\n")
             if not self.eightbit and not chunk.isascii():
                 self.eightbit = True
 
+    def _lines(self):
+        """The message in pieces with LF line ends only: CRLF and a bare CR become LF."""
+        self.file.seek(self.start)
+        carry = b""
+        while chunk := self.file.read(WRITE_CHUNK_BYTES):
+            chunk = carry + chunk
+            carry = b"\r" if chunk.endswith(b"\r") else b""   # its LF may come next
+            chunk = chunk[:len(chunk) - len(carry)]
+            yield chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if carry:
+            yield b"\n"
+
     def chunks(self):
         """The message as CRLF lines, dot-stuffed, ending with CRLF.CRLF."""
-        self.file.seek(self.start)
         at_line_start, empty = True, True
-        while chunk := self.file.read(WRITE_CHUNK_BYTES):
+        for chunk in self._lines():
+            if not chunk:
+                continue
             empty = False
             if at_line_start and chunk.startswith(b"."):
                 chunk = b"." + chunk

@@ -41,9 +41,10 @@ mailrm ID... removes messages from the queue.
 The message comes on stdin; exit codes are sysexits(3): masq-inject(8).
 """
 import os
+import pwd
 import sys
 
-from masq import Error, cleanup, config, handoff, headers, program, spool
+from masq import Error, cleanup, config, drop, handoff, headers, program, spool
 from masq.envelope import Envelope
 from masq.program import Exit
 
@@ -228,6 +229,14 @@ def submit(conf, opts):
     added = cleanup.added_headers(section, login, fullname, sender, opts.sender is not None,
                                   hostname)
     head = added + section.encode(drop=("return-path", "bcc", "resent-bcc"))
+    masq_uid = _system_uid(conf)
+    if masq_uid is not None and os.geteuid() != masq_uid:
+        # system mode: only masq writes the spool; the drop file's owner says who we are
+        name = drop.write(conf, cleanup.Body(head, source), Envelope(sender, recipients))
+        if opts.verbose:
+            program._say(f"{program.name()}: drop/{name}: left for masq-send, from <{sender}> "
+                         "to " + ", ".join(f"<{r}>" for r in recipients))
+        return Exit.OK
     queue = _queue(conf.path("spool"))
     try:
         qid = handoff.submit(conf, cleanup.Body(head, source), Envelope(sender, recipients),
@@ -255,7 +264,7 @@ def _deliver(conf, opts, qid, woken):
             say(f"{name}: the masq-send daemon was woken")
             return Exit.OK
         say(f"{name}: no masq-send daemon listening: delivering in the background")
-        _background(run_args)
+        handoff.background(run_args, lambda args: _program("send").main(args))
         return Exit.OK
     try:
         send = _program("send")
@@ -265,29 +274,6 @@ def _deliver(conf, opts, qid, woken):
     code = send.main(run_args)
     say(f"{name}: masq-send --once exited with {code}")
     return Exit.OK
-
-
-def _background(run_args):
-    """Fork a detached child that runs one queue run for the new message."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.fork() != 0:
-        return
-    code = Exit.TEMPFAIL
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        # a descriptor the caller passed down must not stay open for as long
-        # as the delivery takes: the caller may be waiting for its EOF
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        code = _program("send").main(run_args)
-    except BaseException:   # noqa: BLE001 -- nobody is left to tell; the queue keeps it
-        pass
-    finally:
-        os._exit(code if isinstance(code, int) else Exit.TEMPFAIL)
 
 
 def _program(name):
@@ -309,12 +295,55 @@ def _program(name):
 
 
 def list_queue(conf, opts):
+    if _asks_daemon(conf):
+        text = _ask(conf, "list", "the mail queue cannot be listed: masq-send is not running",
+                    Exit.UNAVAILABLE)
+        sys.stdout.write(text)
+        return Exit.OK
     return _program("queue").main(["-C", conf.file, "list"])
 
 
 def run_queue(conf, opts):
+    if _asks_daemon(conf):
+        _ask(conf, "flush" + (f" {opts.route}" if opts.route else ""),
+             "masq-send is not running: mail waits until it runs", Exit.TEMPFAIL)
+        if opts.verbose:
+            program._say(f"{program.name()}: masq-send runs the queue now")
+        return Exit.OK
     route = ["--route", opts.route] if opts.route else []
     return _program("send").main(["-C", conf.file, "--once", *route])
+
+
+def _system_uid(conf):
+    """The uid of the masq user in system mode (masq.toml `user`), else None."""
+    name = conf.get("user")
+    if not name:
+        return None
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise Error(f"{conf.file} names the user {name}, who does not exist: "
+                    "run masq-setup system", code=Exit.CONFIG) from None
+
+
+def _asks_daemon(conf):
+    """System mode and neither root nor masq: mailq and runq go through the daemon."""
+    masq_uid = _system_uid(conf)
+    return masq_uid is not None and os.geteuid() not in (0, masq_uid)
+
+
+def _ask(conf, request, down, down_code):
+    """The daemon's answer to a control request (masq.control), or Error with a sysexits code."""
+    from masq import control    # socket: only mailq and runq of users load it
+    try:
+        word, why, text = control.ask(spool.Spool(conf.path("spool")), request)
+    except control.NotRunningError:
+        raise Error(down, code=down_code) from None
+    if word == "denied":
+        raise Error(why, code=Exit.NOPERM, temporary=False)
+    if word == "error":
+        raise Error(why, code=Exit.USAGE, temporary=False)
+    return text
 
 
 def verify(conf, opts):

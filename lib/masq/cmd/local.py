@@ -2,11 +2,15 @@
 
 Usage:
   masq-local [-C FILE] [--id QID] [--] SENDER RECIPIENT...
+  masq-local [-C FILE] [--id QID] --targets [--] SENDER (TARGET RECIPIENT)...
   masq-local -h | --help
 
 Options:
   -C FILE    Read this configuration instead of $MASQ_CONF.
   --id QID   The queue id of the message (for the delivery programs).
+  --targets  System mode, run as the user by masq-lspawn(8): deliver to each
+             TARGET (mailbox:USER, |command, /file) for its RECIPIENT, without
+             expanding aliases; never as root or as the masq user.
   -h --help  Show this.
 
 The message comes on stdin.  For each RECIPIENT, in order, one line on
@@ -25,7 +29,7 @@ from masq.program import Exit
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    conf_file, qid, sender, recipients = _arguments(argv)
+    conf_file, qid, targeted, sender, recipients = _arguments(argv)
     try:
         conf = config.load(conf_file)
     except Error as e:
@@ -35,9 +39,15 @@ def main(argv=None):
         if any(c in address for c in "\r\n\0"):
             raise Error("an address holds CR, LF or NUL: fix the caller",
                         code=Exit.PERMANENT, temporary=False)
+    if targeted:
+        _check_user(conf)
     source = _Stdin(os.path.join(conf.path("spool") or conf.dir, "tmp"))
     try:
-        results = local.deliver_from(conf, sender, recipients, source, qid)
+        if targeted:
+            pairs = list(zip(recipients[0::2], recipients[1::2], strict=True))
+            results = local.deliver_targets(conf, sender, pairs, source, qid)
+        else:
+            results = local.deliver_from(conf, sender, recipients, source, qid)
     finally:
         source.close()
     out = "".join(f"{letter} {outcome.one_line(text) or 'no details'}\n"
@@ -48,11 +58,33 @@ def main(argv=None):
     return Exit.OK
 
 
+def _check_user(conf):
+    """--targets trusts its caller's plan: only as a user, never as root or masq."""
+    uid, masq = os.geteuid(), conf.get("user") or ""
+    if uid == 0 or os.getuid() == 0:
+        raise Error("--targets delivers as the recipient: refusing to run as root",
+                    code=Exit.TEMPORARY)
+    import pwd      # only the system-mode path
+    try:
+        if masq and pwd.getpwnam(masq).pw_uid == uid:
+            raise Error(f"--targets delivers as the recipient: refusing to run as {masq}",
+                        code=Exit.TEMPORARY)
+    except KeyError:
+        pass
+
+
 def _arguments(argv):
-    """(conf file, qid, sender, recipients); docopt only for help and errors."""
+    """(conf file, qid, targets?, sender, recipients); docopt only for help and errors.
+
+    With --targets, `recipients` holds TARGET RECIPIENT pairs, flat.
+    """
     conf_file = qid = None
+    targeted = False
     rest = list(argv)
     while rest and rest[0].startswith("-") and rest[0] not in ("-", "--"):
+        if rest[0] == "--targets":
+            targeted, rest = True, rest[1:]
+            continue
         if rest[0] == "-C" and len(rest) > 1:
             conf_file = rest[1]
         elif rest[0] == "--id" and len(rest) > 1:
@@ -62,14 +94,17 @@ def _arguments(argv):
         rest = rest[2:]
     if rest and rest[0] == "--":
         rest = rest[1:]
-    if len(rest) < 2:
+    if len(rest) < 2 or (targeted and len(rest) % 2 == 0):
         return _docopt(argv)
-    return conf_file, qid, rest[0], rest[1:]
+    return conf_file, qid, targeted, rest[0], rest[1:]
 
 
 def _docopt(argv):
     args = program.parse(__doc__, argv, usage_code=Exit.PERMANENT)
-    return args["-C"], args["--id"], args["SENDER"], args["RECIPIENT"]
+    if args["--targets"]:
+        pairs = [x for pair in zip(args["TARGET"], args["RECIPIENT"], strict=True) for x in pair]
+        return args["-C"], args["--id"], True, args["SENDER"], pairs
+    return args["-C"], args["--id"], False, args["SENDER"], args["RECIPIENT"]
 
 
 class _Stdin:

@@ -23,7 +23,6 @@ message is durable.  Exit codes: masq-queue(8).
 import os
 import pwd
 import sys
-import time
 
 from masq import Error, config, envelope, handoff, log, program, spool
 from masq.program import Exit
@@ -40,7 +39,8 @@ def main(argv=None):
     conf = config.load(args["-C"])
     queue = spool.Spool(conf.path("spool"))
     if args["list"]:
-        sys.stdout.writelines(describe(queue))
+        from masq import control    # it loads socket: the enqueue path must not pay for that
+        sys.stdout.writelines(control.describe(queue))
         return Exit.OK
     if args["show"]:
         return show(queue, args["ID"][0])
@@ -64,35 +64,6 @@ def enqueue_from_fds(conf_file):
     with open(0, "rb", buffering=0, closefd=False) as stream:
         handoff.enqueue(conf, stream, lambda: envelope.read(1), trace)
     return Exit.OK
-
-
-def describe(queue):
-    """What mailq prints: one block per message."""
-    lines, count = [], 0
-    for stage in spool.STAGES:
-        for qid in queue.ids(stage):
-            try:
-                msg = spool.Message(queue, stage, qid)
-            except FileNotFoundError:
-                continue
-            except spool.FormatError as e:
-                lines.append(f"{qid:<24}  unreadable: {e}\n")
-                continue
-            count += 1
-            mark = {"incoming": " ", "active": "*", "hold": "!"}[stage]
-            when = time.strftime("%a %b %d %H:%M:%S", time.localtime(msg.arrived))
-            sender = msg.sender or "<>"
-            lines.append(f"{qid + mark:<24} {msg.size:>9} {when}  {sender}\n")
-            for i, rcpt in enumerate(msg.recipients):
-                word, _, text = msg.state.get(i, ("", 0, ""))
-                note = f" ({word}: {text})" if word else ""
-                if word != "done":
-                    lines.append(f"{'':<55}{rcpt}{note}\n")
-    if not count and not lines:
-        return ["Mail queue is empty\n"]
-    header = "-Queue ID-              --Size-- ----Arrival Time----  -Sender/Recipient-------\n"
-    footer = f"-- {count} message{'s' if count != 1 else ''}; * active, ! on hold\n"
-    return [header, *lines, footer]
 
 
 def show(queue, qid):

@@ -10,10 +10,11 @@ Options:
   --route NAME   Decide as if route NAME were online (sendmail -qo NAME).
   -h --help      Show this.
 
-One line per address on stdout: local delivery (after aliases), a route,
-waiting for a route to come online, or bounce with the reason.  Exit 0 when
-every address has a way; 65 if one does not parse; 67 if a local user is
-unknown; 69 if one can never be delivered.
+One line per address on stdout: local delivery (after aliases), a route
+(and the routes tried in turn after a temporary failure), waiting for a
+route to come online, or bounce with the reason.  Exit 0 when every address
+has a way; 65 if one does not parse; 67 if a local user is unknown; 69 if
+one can never be delivered.
 """
 import pwd
 
@@ -49,6 +50,9 @@ def explain(conf, rcpt, sender, up):
         new_sender = route.rewrite(table, sender) if sender else sender
         if new_sender != sender:
             line += f", sender rewritten to <{new_sender}>"
+        for name in decision.routes[1:]:      # masq-send's fall-through order
+            line += f"; if deferred, route {name}, " \
+                f"{route.describe_route(route.route_table(conf, name))}"
         return line, Exit.OK
     if decision.kind == "wait":
         return f"wait: {decision.reason}", Exit.OK

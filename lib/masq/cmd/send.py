@@ -19,14 +19,17 @@ For each message: incoming -> active, masq-route's decision per recipient,
 local delivery in-process (or by masq-local: [local] deliver), SMTP by
 route in up to queue.parallel threads with one connection per destination,
 each outcome recorded durably in the spool before the next attempt,
-bounces for permanent failures.
+bounces for permanent failures.  In system mode (masq.toml `user`) every
+run first queues users' drop files (masq.drop), and the daemon answers
+users' mailq and runq on spool/control (masq.control).
 """
 import os
 import select
 import signal
 import time
 
-from masq import Error, attempt, config, log, program, relay, route, spool
+from masq import Error, attempt, config, control, drop, log, privilege, program, relay, route
+from masq import spool
 from masq.filter import promote
 from masq.program import Exit
 
@@ -36,6 +39,7 @@ POLL_SECONDS = 60               # the daemon looks at the online routes this oft
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
     conf = config.load(args["-C"])
+    privilege.start(conf)       # system mode as root: masq-lspawn, then masq for good
     log.setup(conf)
     queue = spool.Spool(conf.path("spool"))
     if args["--once"] or args["ID"]:
@@ -52,8 +56,11 @@ def run_once(conf, queue, forced=None, ids=()):
     """
     program.title("masq-send: queue run")
     up = route.online(conf, forced)
+    relay.route_came_up(conf, queue, [forced] if forced else ())   # -qo NAME: try it now
     tried = set()
     runner = _runner(conf, queue, up, runq=True)
+    if not ids:
+        pick_up(conf, queue)
     try:
         for _ in range(3):
             promote(conf, queue, ids)
@@ -74,6 +81,16 @@ def run_once(conf, queue, forced=None, ids=()):
         runner.close()
 
 
+def pick_up(conf, queue):
+    """System mode: queue the drop files users left (masq.drop); before promote."""
+    if not conf.get("user"):
+        return
+    try:
+        drop.pick_up(conf, queue)
+    except Error as e:
+        log.warn(f"{e}; drop files wait for the next run")
+
+
 def _runner(conf, queue, up, runq=False, stopping=None):
     """The attempts of one queue run (masq.attempt), with its relay (masq.relay)."""
     return attempt.Run(conf, queue, up, relay.Relay(conf, queue, runq, stopping), stopping)
@@ -90,7 +107,7 @@ def _find(queue, qid):
 
 
 class Daemon:
-    """The queue runner that stays: trigger FIFO, back-off schedule, SIGTERM."""
+    """The queue runner that stays: trigger FIFO, control socket, back-off schedule, SIGTERM."""
 
     def __init__(self, conf, queue, forced=None):
         self.conf, self.queue, self.forced = conf, queue, forced
@@ -109,10 +126,14 @@ class Daemon:
         except OSError as e:
             raise Error(f"unable to open {fifo}: {e.strerror}; "
                         "make the spool with masq-setup") from None
+        # system mode: users' mailq and runq ask through spool/control (masq.control)
+        server = control.Server(self.conf, self.queue) if self.conf.get("user") else None
+        waits = [rfd] + ([server] if server else [])
         log.line(f"daemon started on {self.queue.path}")
         while not self.stopping:
             up = self.online()
             if up != self.up:           # at start too: the first full scan
+                relay.route_came_up(self.conf, self.queue, up - (self.up or set()))
                 self.up = up
                 self.full_scan()
             wake = min(self.due.values(), default=time.time() + POLL_SECONDS)
@@ -120,17 +141,23 @@ class Daemon:
             program.title("masq-send: idle, "
                           f"{len(self.due)} message{'s' if len(self.due) != 1 else ''} waiting")
             try:
-                ready, _, _ = select.select([rfd], [], [], timeout)
+                ready, _, _ = select.select(waits, [], [], timeout)
             except InterruptedError:
                 continue
             if self.stopping:
                 break
-            if ready:
+            if server in ready:
+                action = server.serve()
+                if action:
+                    self.flush(action[1])
+            if rfd in ready:
                 _drain(rfd)
                 self.new_mail()
-            else:
+            elif not ready:
                 self.adopt()
             self.run_due()
+        if server:
+            server.close()
         os.close(rfd)
         os.close(wfd)
         log.line("daemon stopped")
@@ -153,6 +180,7 @@ class Daemon:
 
     def full_scan(self):
         """Every active message becomes due now (after start, or a route change)."""
+        pick_up(self.conf, self.queue)
         promote(self.conf, self.queue)
         now = time.time()
         self.due = {}
@@ -161,6 +189,7 @@ class Daemon:
         self.run_due()
 
     def new_mail(self):
+        pick_up(self.conf, self.queue)     # a user's drop file woke us as masq-queue does
         ids = self.queue.ids("incoming")
         promote(self.conf, self.queue, ids)
         now = time.time()
@@ -169,10 +198,23 @@ class Daemon:
 
     def adopt(self):
         """Filter again what a filter deferred; take on active messages we do not know."""
+        pick_up(self.conf, self.queue)
         promote(self.conf, self.queue)
         now = time.time()
         for qid in self.queue.ids("active"):
             self.due.setdefault(qid, now)
+
+    def flush(self, forced):
+        """A user's runq (control `flush`): every message is due now; `forced`: runq -qo."""
+        if forced:
+            try:
+                run_once(self.conf, self.queue, forced)
+            except Error as e:      # a user's request never stops the daemon
+                log.warn(f"queue run for route {forced}: {e}")
+        self.adopt()
+        now = time.time()
+        for qid in self.due:
+            self.due[qid] = now
 
     def run_due(self):
         """One run over the messages that are due, as runq makes them."""

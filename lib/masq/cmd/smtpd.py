@@ -14,8 +14,9 @@ TCPREMOTEIP, TCPREMOTEHOST and RELAYCLIENT (tcp-environ(5)); no DNS lookups.
 STARTTLS is offered when a certificate is configured and fds 0 and 1 are
 one socket; AUTH PLAIN and LOGIN only after it, against the password file.
 Each message goes to masq-queue in-process, or to the program $MASQ_QUEUE
-names; 250 is said only once it is durable.  Settings: [smtpd] in
-masq.toml(5).  Exit codes: masq-smtpd(8).
+names; 250 is said only once it is durable.  When no masq-send daemon
+listens on the spool's trigger, a detached masq-send --once delivers it.
+Settings: [smtpd] in masq.toml(5).  Exit codes: masq-smtpd(8).
 """
 # Over 400 lines as one concept, the server's side of the SMTP dialogue: a
 # method per verb over one session's state.  What is not the dialogue lives
@@ -33,6 +34,9 @@ from masq.program import Exit
 AUTH_FAILURE_DELAY_SECONDS = 1  # slows a password guesser down (also counts as an error)
 RECIPIENT_REPLIES = {policy.ACCEPT: smtp.RCPT_OK, policy.BAD_ADDRESS: smtp.BAD_RCPT,
                      policy.RELAY_DENIED: smtp.RELAY_DENIED, policy.UNKNOWN_USER: smtp.UNKNOWN_USER}
+# max_errors counts the client's mistakes; a recipient refused by policy is an
+# answer the client asked for (RFC 5321 section 4.5.3.1.10 on 452), not one
+POLICY_VERDICTS = (policy.RELAY_DENIED, policy.UNKNOWN_USER)
 
 
 def main(argv=None):
@@ -115,9 +119,10 @@ class ServerSession:
 
     # -- replies
 
-    def reply(self, text):
+    def reply(self, text, counted=True):
+        """Queue a reply; a 4xx or 5xx counts toward max_errors unless not `counted`."""
         self.out.append(text)
-        if text[0] in "45":
+        if counted and text[0] in "45":
             self.errors += 1
         if len(self.out) > 64:      # a client that pipelines without reading
             self.flush()
@@ -264,7 +269,9 @@ class ServerSession:
         for name in params:
             raise smtp.ProtocolError(smtp.BAD_PARAM.format(name[:40]))
         if len(self.rcpts) >= self.settings["max_recipients"]:
-            raise smtp.ProtocolError(smtp.TOO_MANY_RCPTS)
+            # RFC 5321 section 4.5.3.1.10: 452, and the client sends the rest later
+            self.reply(smtp.TOO_MANY_RCPTS, counted=False)
+            return
         if not self.utf8 and not path.isascii():
             raise smtp.ProtocolError(smtp.NON_ASCII)
         if path.lower() == "postmaster":        # RFC 5321 section 4.5.1
@@ -274,11 +281,13 @@ class ServerSession:
             verdict = self.recipients.verdict(path, self.auth_user is not None)
         except policy.AliasesUnavailableError as e:
             log.warn(str(e))
-            raise smtp.ProtocolError(smtp.ALIASES_UNAVAILABLE) from None
+            self.reply(smtp.ALIASES_UNAVAILABLE, counted=False)     # our fault, not theirs
+            return
         if verdict == policy.ACCEPT:
             self.rcpts.append(path)
         reply = RECIPIENT_REPLIES[verdict]
-        self.reply(reply.format(path) if "{}" in reply else reply)
+        self.reply(reply.format(path) if "{}" in reply else reply,
+                   counted=verdict not in POLICY_VERDICTS)
 
     def smtp_DATA(self, arg):
         if arg:
@@ -324,14 +333,24 @@ class ServerSession:
     def deliver(self, stream):
         """Queue the message from `stream`; the reply that says how it went."""
         # handoff imports masq.child, signal and enum (5 ms): only a message pays
-        from masq import handoff, spool
+        from masq import handoff, message, spool
         from masq.envelope import Envelope
+        trace = self.trace()
+        queue = spool.Spool(self.conf.path("spool"))
         try:
-            qid = handoff.submit(self.conf, stream, Envelope(self.sender, self.rcpts),
-                                 self.trace())
+            data = stream
+            if self.adds_missing_headers():
+                missing, data = message.missing(stream)
+                if missing:
+                    trace["add"] = " ".join(missing)
+            qid = handoff.submit(self.conf, data, Envelope(self.sender, self.rcpts), trace,
+                                 queue=queue)
         except smtp.BareLineEndError:
             stream.drain()
             return smtp.BAD_MESSAGE
+        except spool.NulError:
+            stream.drain()
+            return smtp.NUL_IN_MESSAGE
         except spool.TooBigError:
             stream.drain()
             return smtp.TOO_BIG
@@ -342,7 +361,17 @@ class ServerSession:
             log.warn(f"unable to queue a message from {self.client.ip or 'local'}: {e}")
             return smtp.QUEUE_FAILED if e.temporary else smtp.REJECTED
         stream.drain()              # a $MASQ_QUEUE that stopped reading and said yes
+        # no daemon woke (nor one we could tell of, behind $MASQ_QUEUE): deliver
+        # now, as sendmail -odb does, not at the next cron queue run
+        if not (queue.woken if qid else queue.trigger()):
+            handoff.background(["-C", self.conf.file, "--once"] + ([qid] if qid else []))
         return smtp.QUEUED.format(qid) if qid else smtp.QUEUED_NO_ID
+
+    def adds_missing_headers(self):
+        """Date: and Message-ID: for a client we serve as its submission server?"""
+        which = self.settings["add_missing_headers"]
+        return which == "all" or (which == "trusted" and (self.client.trusted
+                                                          or self.auth_user is not None))
 
     def trace(self):
         proto = "utf8smtp" if self.utf8 else "esmtp" if self.esmtp else "smtp"
