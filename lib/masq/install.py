@@ -671,7 +671,11 @@ def uninstall(manifest=None):
             except OSError:
                 report.append(f"kept {path}: it is not empty")
         elif do in ("user", "group") and not keep_owner:
-            _undo_account(do, step["name"])
+            try:
+                _undo_account(do, step["name"])
+            except InstallError as e:   # e.g. masq-send still runs as masq
+                report.append(f"kept the {do} {step['name']}: {e}; remove it by hand "
+                              "once nothing runs as it")
     manifest.remove()
     report.append("masq is uninstalled")
     return report
