@@ -8,6 +8,8 @@ import time
 
 from conftest import BIN
 
+pytest_plugins = ["sysroot"]        # the sysroot fixture (the system-mode trial)
+
 TRIALS = 40
 COUNT = 300          # messages per delivery crash test: a run takes longer than a kill
 
@@ -147,3 +149,71 @@ def test_full_disk_at_the_first_write_is_75_and_leaves_no_tmp_file(masq):
         assert masq.queue_ids() == []
     masq.run([masq.bin("sendmail"), "-odq", "bob"], input=b"Subject: x\n\nbody\n").ok()
     assert len(masq.queue_ids()) == 1
+
+
+# System mode: the same trials where masq-send starts as root, starts
+# masq-lspawn, becomes masq, and each delivery is a masq-local run as bob
+# (tests/sysroot.py: a throwaway root made the MTA by masq-setup system).
+
+SYSTEM_COUNT = 200          # each delivery starts a masq-local: a run takes a few seconds
+SYSTEM_SPOOL = "/var/spool/masq"
+
+
+def system_queue_size(sysroot):
+    return sum(len(files) for folder in ("incoming", "active")
+               for _, _, files in os.walk(sysroot.path(f"{SYSTEM_SPOOL}/{folder}")))
+
+
+def spawner_of(pid):
+    """masq-lspawn, masq-send's child, once it has one."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return None
+    return kids[0] if kids else None
+
+
+def test_system_mode_masq_send_and_masq_lspawn_killed_during_mbox_delivery(sysroot):
+    import sys
+    from sysroot import root_env
+
+    from masq import install
+    sysroot.run(["rm", "-f", *[path for path, _ in install.LINKS]]).ok()
+    sysroot.adduser("bob")
+    sysroot.run("printf 'postmaster: root\\nroot: bob\\n' > /etc/aliases").ok()
+    sysroot.run(["masq-setup", "system", "local-only", "--hostname", "test.example"]).ok()
+    fill = FILL.replace("bob@localhost", "bob@test.example")
+    sysroot.run([sys.executable, "-c", fill, "sys", str(SYSTEM_COUNT)], user="masq",
+                env=root_env(MASQ_CONF="/etc/masq/masq.toml")).ok()
+    assert system_queue_size(sysroot) == SYSTEM_COUNT
+    rng = random.Random(4)
+    kills = {"masq-send": 0, "masq-lspawn": 0}
+    for _ in range(40):
+        p = sysroot.popen(["masq-send", "--once"], stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 0.8))
+        if p.poll() is None:
+            victim = "masq-lspawn" if rng.random() < 0.3 else "masq-send"
+            pid = spawner_of(p.pid) if victim == "masq-lspawn" else p.pid
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills[victim] += 1
+                except ProcessLookupError:
+                    pass
+        p.wait(60)
+        if not system_queue_size(sysroot):
+            break
+    sysroot.run(["masq-send", "--once"]).ok()
+    assert kills["masq-send"] > 0 and kills["masq-lspawn"] > 0, kills
+    assert system_queue_size(sysroot) == 0
+    path = sysroot.path("/var/mail/bob")
+    assert os.stat(path).st_uid == int(sysroot.run(["id", "-u", "bob"]).ok().out)
+    box = mailbox.mbox(path, create=False)
+    counts = delivered_counts(box)
+    assert set(counts) == {f"sys {i}" for i in range(SYSTEM_COUNT)}
+    assert max(counts.values()) <= 2
+    for msg in box:
+        n = msg["Subject"].split()[1]
+        assert msg.get_payload().rstrip("\n") == f">From the start\n.\nmessage {n}"
+

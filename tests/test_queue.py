@@ -129,3 +129,45 @@ def test_an_empty_recipient_in_the_envelope_queues_nothing(masq):
     os.close(r)
     assert p.returncode == 65 and b"empty recipient" in p.stderr
     assert masq.queue_ids() == []
+
+
+def write_message(masq, stage, qid, records):
+    """A spool file as masq-spool(5) describes it, its records given as text."""
+    data = b"Subject: x\n\nhello\n"
+    with open(os.path.join(masq.spool, stage, qid), "wb") as f:
+        f.write(b"masq-spool 1 %016d\n" % len(data) + data + records.encode())
+
+
+def test_show_says_each_recipients_state_in_mailq_words(masq):
+    write_message(masq, "active", "1234-5", (
+        "sender a@example.org\nrcpt done@localhost\nrcpt late@example.org\n"
+        "rcpt off@example.org\nrcpt new@example.org\narrived 1.000\n"
+        "done 0 2.000 delivered to maildir mail/done/\n"
+        "deferred 1 2.000 421 4.3.2 busy\n"
+        "deferred 2 2.000 421 4.3.2 busy\nwaiting 2 3.000 waiting for route isp to come online\n"
+        "frobbed 3 4.000 a word from a newer masq: ignored\n"))
+    masq.run(["masq-queue", "check"]).ok()
+    meta = masq.run(["masq-queue", "show", "1234-5"]).ok().out.decode()
+    assert "rcpt done@localhost (done: delivered to maildir mail/done/)\n" in meta
+    assert "rcpt late@example.org (deferred: retry due now: 421 4.3.2 busy)\n" in meta
+    assert "rcpt off@example.org (waiting for route isp to come online)\n" in meta
+    assert "rcpt new@example.org (not tried yet)\n" in meta
+    listing = masq.run(["masq-queue", "list"]).ok().out.decode()
+    assert "done@localhost" not in listing
+    for line in ("late@example.org (deferred: retry due now: 421 4.3.2 busy)",
+                 "off@example.org (waiting for route isp to come online)",
+                 "new@example.org (not tried yet)"):
+        assert line in listing, listing
+
+
+def test_hold_records_who_held_the_message_and_show_says_it(masq):
+    enqueue(masq, b"Subject: x\n\nhello\n", "a@example.org", ["bob@localhost"]).ok()
+    qid = masq.queue_ids()[0]
+    masq.run(["masq-queue", "hold", qid]).ok()
+    with open(os.path.join(masq.spool, "hold", qid), "rb") as f:
+        assert b"\nheld " in f.read()
+    assert "rcpt bob@localhost (held by the admin (" in masq.run(
+        ["masq-queue", "show", qid]).ok().out.decode()
+    masq.run(["masq-queue", "release", qid]).ok()
+    assert "bob@localhost (not picked up by masq-send yet)" in masq.run(
+        ["masq-queue", "list"]).ok().out.decode()

@@ -346,3 +346,90 @@ def test_masq_setup_passwd_bad_input(masq, tmp_path):
     r = masq.run(["masq-setup", "passwd", masq.dir, "alice"], input=b"")
     assert r.rc == 64 and b"first line of stdin" in r.err
     assert not os.path.exists(os.path.join(masq.dir, "passwd"))
+
+
+# -- require_tls (a submission port)
+
+def test_require_tls_refuses_mail_before_starttls(masq, tls):
+    masq.config("require_tls = true")
+    with Listener(masq) as srv, smtplib.SMTP("127.0.0.1", srv.port, timeout=20) as c:
+        c.ehlo("client.example")
+        code, text = c.docmd("MAIL", "FROM:<a@client.example>")
+        assert (code, text) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        c.starttls(context=client_context(tls))
+        c.ehlo("client.example")
+        assert c.docmd("MAIL", "FROM:<a@client.example>")[0] == 250
+
+
+def test_require_tls_leaves_a_local_user_on_pipes_alone(masq, tls):
+    masq.config("require_tls = true")
+    lines, _ = pipes_session(masq, b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n"
+                             b"QUIT\r\n")
+    assert "250 2.1.0 Ok" in lines
+
+
+# -- client certificates as identity (tls_client_ca)
+
+@pytest.fixture
+def client_ca(masq, tls, tmp_path):
+    """masq-smtpd trusts client certificates from a second CA: (that CA, another CA)."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(os.path.join(masq.dir, "clients.pem"))
+    masq.config('tls_client_ca = "clients.pem"')
+    return ca, trustme.CA()
+
+
+def cert_context(tls, ca, tmp_path, name="laptop.client.example"):
+    """A client context that trusts the server's CA and shows a certificate from `ca`."""
+    context = client_context(tls)
+    if ca is not None:
+        ca.issue_cert(name, common_name=name).configure_cert(context)
+    return context
+
+
+def test_a_client_certificate_from_tls_client_ca_may_relay(masq, tls, client_ca, tmp_path):
+    with Listener(masq) as srv, smtplib.SMTP("127.0.0.1", srv.port, timeout=20) as c:
+        c.starttls(context=cert_context(tls, client_ca[0], tmp_path))
+        c.ehlo("client.example")
+        assert c.sendmail("a@client.example", [REMOTE], MESSAGE) == {}
+    [qid] = masq.queue_ids()
+    out = show(masq, qid)
+    assert b"\t(cert CN=laptop.client.example" in out
+    assert b"with ESMTPS id" in out
+    assert "tls: client=127.0.0.1 cert=CN=laptop.client.example" in masq.log()
+
+
+def test_no_client_certificate_may_not_relay(masq, tls, client_ca, tmp_path):
+    with Listener(masq) as srv, smtplib.SMTP("127.0.0.1", srv.port, timeout=20) as c:
+        c.starttls(context=cert_context(tls, None, tmp_path))
+        c.ehlo("client.example")
+        c.docmd("MAIL", "FROM:<a@client.example>")
+        code, _ = c.docmd("RCPT", f"TO:<{REMOTE}>")
+        assert code == 554
+        assert c.docmd("RCPT", f"TO:<{LOCAL}>")[0] == 250       # still a client for us
+
+
+def test_a_certificate_from_another_ca_may_not_relay(masq, tls, client_ca, tmp_path):
+    with Listener(masq) as srv, smtplib.SMTP("127.0.0.1", srv.port, timeout=20) as c:
+        try:
+            c.starttls(context=cert_context(tls, client_ca[1], tmp_path))
+            c.ehlo("client.example")
+            c.docmd("MAIL", "FROM:<a@client.example>")
+            code, _ = c.docmd("RCPT", f"TO:<{REMOTE}>")
+        except (ssl.SSLError, smtplib.SMTPServerDisconnected, OSError):
+            code = None                     # the handshake fails: no verify callback
+        assert code in (None, 554)
+    assert masq.queue_ids() == []
+
+
+def test_openssl_s_client_with_a_client_certificate_relays(masq, tls, client_ca, tmp_path):
+    leaf = client_ca[0].issue_cert("relay.client.example", common_name="relay.client.example")
+    pem = str(tmp_path / "client.pem")
+    leaf.private_key_and_cert_chain_pem.write_to_path(pem)
+    dialogue = (b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n"
+                b"RCPT TO:<" + REMOTE.encode() + b">\r\nQUIT\r\n")
+    with Listener(masq) as srv:
+        r = run(["openssl", "s_client", "-starttls", "smtp", "-connect",
+                 f"127.0.0.1:{srv.port}", "-CAfile", tls, "-cert", pem, "-quiet",
+                 "-ign_eof"], input=dialogue)
+    assert "250 2.1.5 Ok" in r.out.decode(), r

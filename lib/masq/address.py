@@ -37,12 +37,19 @@ def check(address, allow_empty=False, need_domain=True):
     if len(address.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_BYTES:
         raise AddressError(f"address too long: {address[:40]}...")
     local, domain = split(address)
+    if not domain and address.endswith("@"):
+        raise AddressError(f"{address}: nothing after the @")
     check_local(local, address)
     if domain:
         check_domain(domain, address)
     elif need_domain:
         raise AddressError(f"{address}: no domain")
     return address
+
+
+def refused(error):
+    """The one sentence every program gives for an address that does not parse."""
+    return f"bad address, does not parse: {error}"
 
 
 def check_local(local, address=None):

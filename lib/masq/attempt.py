@@ -7,7 +7,10 @@ are recorded in the spool before the next attempt is decided (masq-spool(5)
 S5), a recipient deferred for longer than queue.max_age, or waiting for a
 route longer than queue.max_age_offline, fails, the failed ones are bounced
 and the late ones warned about (the reports masq.bounce builds, queued
-here), and the message gets its next due time (backoff()).
+here), and the message gets its next due time (backoff()).  A recipient
+waiting for a route gets a `waiting` record, only when its reason changes
+(mailq shows it; masq-spool(5)).  A Report, when the run has one, shows
+each outcome (runq -v) and the run's progress on stderr.
 
 A Run is the attempts of one queue run; it keeps the ids of the bounces and
 warnings it queued, so that runq can send them in the same run.
@@ -71,9 +74,10 @@ class Run:
     recorded by this thread, under the message's lock.
     """
 
-    def __init__(self, conf, queue, up, relay, stopping=None):
+    def __init__(self, conf, queue, up, relay, stopping=None, report=None):
         self.conf, self.queue, self.up, self.relay = conf, queue, up, relay
         self.stopping = stopping or (lambda: False)
+        self.report = report        # a Report (runq -v, progress), or None
         self.local = deliverer.choose(conf)
         self.needs_from = _needs_from(conf)
         self.queued = []            # ids of the bounces and warnings queued, not yet taken
@@ -97,6 +101,8 @@ class Run:
             except Error as e:
                 log.warn(f"{msg.id}: {e}")
                 due[msg.id] = time.time() + self.conf.get("queue.retry_min")
+            if self.report and msg.id in due:
+                self.report.finished()
             if len(held) >= BATCH_MESSAGES:
                 self.deliver_remote(held, due)
                 held = []
@@ -145,6 +151,8 @@ class Run:
         """Send the route groups of these plans, finishing each message as it is done."""
         def done(plan):
             due[plan.msg.id] = self.finish_safely(plan)
+            if self.report:
+                self.report.finished()
         self.relay.deliver(plans, done)
 
     def finish_safely(self, plan):
@@ -173,17 +181,24 @@ class Run:
             if word == "deferred" and failing >= conf.get("queue.max_age"):
                 word, text = "failed", f"gave up after {failing / 86400:.1f} days: {text}"
             final.append((word, i, text, relay))
-        still_waiting = []
-        for i, _reason in plan.waiting:
+        still_waiting, waits = [], []
+        for i, reason in plan.waiting:
             if age > conf.get("queue.max_age_offline"):
                 final.append(("failed", i, f"no route came online within "
                               f"{age / 86400:.1f} days (4.4.1)", "none"))
-            else:
-                still_waiting.append(i)
+                continue
+            still_waiting.append(i)
+            if self.report:
+                self.report.outcome(msg, i, "waiting", reason, "none")
+            word, _, said = msg.state.get(i, ("", 0, ""))
+            if (word, said) != ("waiting", reason):
+                # mailq says why it waits; written only when that changes, so that
+                # a run over mail waiting for a route costs no fsync per message
+                waits.append(("waiting", i, reason))
         answered = {i for _, i, _, _ in final}
         untried = [i for i in msg.pending() if i not in answered and i not in still_waiting]
         failed = [(msg.recipients[i], text) for word, i, text, _ in final if word == "failed"]
-        to_record = [(word, i, text) for word, i, text, _ in final]
+        to_record = [(word, i, text) for word, i, text, _ in final] + waits
         if failed:
             # the other outcomes first: if the bounce cannot be queued (a full
             # disk), the recipients already delivered are not delivered again
@@ -196,6 +211,8 @@ class Run:
             status = {"done": "sent", "failed": "bounced", "deferred": "deferred"}[word]
             log.event(msg.id, text, to=f"<{msg.recipients[i]}>", relay=relay,
                       delay=f"{now - msg.arrived:.2f}", status=status)
+            if self.report:
+                self.report.outcome(msg, i, status, text, relay)
         left = [o for o in final if o[0] == "deferred"]
         if not left and not still_waiting and not untried:
             msg.remove()                # every recipient is done or bounced
@@ -208,7 +225,12 @@ class Run:
             return now + backoff(conf, tries)
         if untried:
             return time.time()
-        return now + conf.get("queue.interval")
+        if conf.get("online.detect") == "command":
+            return now + conf.get("queue.interval")     # the daemon polls the command
+        # the online file and links wake the daemon when a route comes up: until
+        # then only the offline limit is a reason to look at this message again
+        return max(now + conf.get("queue.interval"),
+                   msg.arrived + conf.get("queue.max_age_offline") + 1)
 
     def bounce(self, msg, failed):
         """Report the failed recipients to the sender; a bounce itself is not bounced."""
@@ -239,6 +261,76 @@ class Run:
 
     def close(self):
         self.relay.close()
+
+
+class Report:
+    """What a queue run shows on stderr as it goes: runq -v, progress on a terminal.
+
+    With verbose, one line per recipient as its outcome is recorded (queue id,
+    recipient, local or route, outcome, text).  On a terminal, from
+    PROGRESS_AFTER_SECONDS into the run, the line "done/total, N msg/s" is
+    rewritten in place at most every PROGRESS_SECONDS; the outcome lines go
+    above it, and the last count stays when the run ends.
+    """
+
+    PROGRESS_SECONDS = 0.25
+    PROGRESS_AFTER_SECONDS = 1.0    # a short run shows no count
+
+    def __init__(self, stream, name, verbose=False, clock=time.monotonic):
+        self.stream, self.name, self.verbose, self.clock = stream, name, verbose, clock
+        try:
+            self.tty = stream.isatty()
+        except (OSError, ValueError):
+            self.tty = False
+        self.total = self.done = 0
+        self.start = clock()
+        self.drawn = None           # when the count was last drawn, or None
+
+    def add(self, count):
+        """`count` more messages in this run."""
+        self.total += count
+
+    def outcome(self, msg, i, status, text, relay):
+        if not self.verbose:
+            return
+        where = {"local": " local", "none": ""}.get(relay, f" route {relay}")
+        text = outcome.one_line(text)
+        said = text if text.startswith(status) else f"{status}: {text}"
+        self._write(f"{self.name}: {msg.id}: <{msg.recipients[i]}>{where}: {said}\n")
+
+    def finished(self):
+        """One more message is done with for this run."""
+        self.done += 1
+        now = self.clock()
+        if not self.tty or now - self.start < self.PROGRESS_AFTER_SECONDS:
+            return
+        if self.drawn is None or now - self.drawn >= self.PROGRESS_SECONDS:
+            self.drawn = now
+            self._write("")
+
+    def close(self):
+        """Leave the last count on its own line."""
+        if self.drawn is not None:
+            self.drawn = self.clock()
+            self._write("")
+            self._put("\n")
+            self.drawn = None
+
+    def _write(self, line):
+        """A line above the count, the count (re)drawn under it."""
+        if self.drawn is not None:
+            elapsed = max(self.clock() - self.start, 1e-6)
+            count = (f"{self.name}: {self.done}/{max(self.total, self.done)}, "
+                     f"{self.done / elapsed:.1f} msg/s")
+            line = f"\r\033[K{line}{count}"
+        self._put(line)
+
+    def _put(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def backoff(conf, tries):

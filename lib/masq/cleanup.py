@@ -85,19 +85,29 @@ def sender(value, login, hostname):
         return ""
     try:
         address.check(value, need_domain=False)
-    except Error as e:
-        raise Error(f"bad sender address: {e}", code=Exit.DATAERR, temporary=False) from None
+    except address.AddressError as e:
+        raise Error(f"{address.refused(e)} (the sender)", code=Exit.DATAERR,
+                    temporary=False) from None
     return address.qualify(value, hostname)
 
 
 def recipients(text, hostname, what):
-    """The addresses in an argument or a header value, qualified."""
+    """The addresses in an argument or a header value, qualified.
+
+    An address that does not parse is refused in address.refused()'s words,
+    as masq-route and sendmail -bv refuse it; `what` names a header value.
+    """
     try:
         found = headers.addresses(text)
-        for addr in found:
-            address.check(addr, need_domain=False)
     except Error as e:
         raise Error(f"bad {what}: {e}", code=Exit.DATAERR, temporary=False) from None
+    for addr in found:
+        try:
+            address.check(addr, need_domain=False)
+        except address.AddressError as e:
+            where = f" ({what})" if what.startswith("address in ") else ""
+            raise Error(address.refused(e) + where, code=Exit.DATAERR,
+                        temporary=False) from None
     return [address.qualify(a, hostname) for a in found]
 
 

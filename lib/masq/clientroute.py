@@ -11,14 +11,15 @@ is imported only then.
 """
 import os
 
-from masq import Error
+from masq import Error, schema
 
-PROTOCOLS = ("smtp", "lmtp")
-TLS_MODES = ("starttls", "tls", "none", "may")
-DEFAULT_TIMEOUTS = {"connect_timeout": 30, "greeting_timeout": 300,
-                    "command_timeout": 300, "data_timeout": 180,
-                    "data_done_timeout": 600, "quit_timeout": 60}
-MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")     # our preference, best first
+# the [route.NAME] keys: masq.schema; config.load has checked their kinds and words
+KEYS = schema.table_keys("route.*.")
+PROTOCOLS = KEYS["protocol"].choices
+TLS_MODES = KEYS["tls"].choices
+DEFAULT_TIMEOUTS = {name: key.default for name, key in KEYS.items()
+                    if name.endswith("_timeout")}
+MECHANISMS = tuple(KEYS["auth_mechanisms"].default)     # our preference, best first
 MAX_SECRET_BYTES = 4096
 
 
@@ -55,15 +56,17 @@ class Route:
         self.verify = bool(verify) if verify is not None else self.tls in ("starttls", "tls")
         self.ca_file = conf.path(table["tls_ca_file"], is_value=True) \
             if table.get("tls_ca_file") else None
-        self.protocol = (table.get("protocol") or "smtp").lower()
+        self.protocol = (table.get("protocol") or KEYS["protocol"].default).lower()
         if self.protocol not in PROTOCOLS:
             raise config_error(f'{conf.file}: {where}: protocol must be "smtp" or "lmtp"')
         self.helo = table.get("helo") or conf.hostname
-        self.allow_auth_without_tls = bool(table.get("allow_auth_without_tls", False))
+        self.allow_auth_without_tls = bool(table.get("allow_auth_without_tls",
+                                                     KEYS["allow_auth_without_tls"].default))
         self.mechanisms = [m.upper() for m in table.get("auth_mechanisms") or MECHANISMS]
         self.timeouts = {k: float(table.get(k, v)) for k, v in DEFAULT_TIMEOUTS.items()}
         # masqmail.route(5): no connection at all bounces instead of deferring
-        self.connect_error_fail = table.get("connect_error_fail", False)
+        self.connect_error_fail = table.get("connect_error_fail",
+                                            KEYS["connect_error_fail"].default)
         if not isinstance(self.connect_error_fail, bool):
             raise config_error(f"{conf.file}: {where}: connect_error_fail must be true or false")
         self.user = self.secret = None

@@ -1,68 +1,49 @@
-"""Load masq.toml: one table of defaults, paths relative to the file's folder.
+"""Load masq.toml: keys checked against one schema, paths relative to the file's folder.
 
 Which file: the -C argument, else $MASQ_CONF, else masq.toml in the folder
 above the one the program was called from (so DIR/bin/sendmail finds
 DIR/masq.toml by itself), else /etc/masq/masq.toml.  The path found is put
 into $MASQ_CONF so that every program the chain runs reads the same file.
 
-A missing key takes its default from DEFAULTS (documented in masq.toml(5));
-the [smtpd] and [route.NAME] tables keep theirs beside the one program
-that reads them (masq.smtpdconfig.SETTINGS, masq.clientroute.Route).
-An unreadable or invalid file is an error, never a guess.
+Every key, its kind and default are in masq.schema (documented in
+masq.toml(5)); a missing key takes its default.  An unreadable or invalid
+file, an unknown table or key, or a value of the wrong kind is a
+ConfigError naming the file and line of each problem, never a guess.
 
 tomllib costs more to import than a whole `sendmail` call may take, so the
-parsed file is kept beside it as `.NAME.cache` (marshal, keyed by the file's
-size, mtime and inode) and parsed again only when the file changes.
+parsed and checked file is kept beside it as `.NAME.cache` (marshal, keyed
+by the file's size, mtime and inode) and parsed again only when the file
+changes.  Whoever can write the cache decides what every program does, root
+included: it is read only when masq.toml's owner owns it and no one else
+may write it, and written with masq.toml's mode, never writable by others.
 """
 import marshal
 import os
+import stat
 import sys
 
 from masq import Error
 
 SYSTEM_FILE = "/etc/masq/masq.toml"
-
-DEFAULTS = {
-    "hostname": None,                  # None: the host's name (uname)
-    "spool": "spool",
-    "local_domains": None,             # None: ["localhost", hostname]
-    "relay_domains": [],
-    "aliases": "aliases",
-    "log": "masq.log",
-    "max_size": 52428800,
-    "postmaster": "postmaster",
-    "user": "",                        # system mode: the user the spool belongs to ("masq")
-    "local.mailbox": "maildir",
-    "local.path": "mail/{user}/",
-    "local.mda": "procmail -d {user}",
-    "local.users": "any",
-    "local.mda_timeout": 3600,
-    "local.recipient_delimiter": "+",
-    "local.deliver": "in-process",     # masq-send: local.deliver() in-process, or masq-local
-    "local.default_privs": "nobody",   # system mode: aliases' own |command and /file run as
-    "local.mail_group": "mail",        # system mode, mbox: the group of the mbox spool
-    "queue.filters": [],
-    "queue.archive_bcc": "",
-    "queue.retry_min": 300,            # seconds before the first retry
-    "queue.retry_max": 14400,          # the back-off never waits longer
-    "queue.max_age": 432000,           # 5 days on a route that is up
-    "queue.max_age_offline": 2592000,  # 30 days waiting for a route
-    "queue.warn_after": 14400,         # a delay warning after 4 hours failing; 0: none
-    "queue.interval": 600,             # daemon: a full queue run at least this often
-    "queue.parallel": 2,
-    "queue.hoststat_timeout": 5,       # runq trusts a host's failure this long
-    "queue.show_queue": "all",         # mailq for every user, or "admin": root and masq
-    "online.detect": "always",
-    "online.file": "online",
-    "online.command": "",
-}
+CACHE_VERSION = 2       # 2: the cached data has been checked against the schema
 
 
 class ConfigError(Error):
-    """The configuration cannot be read or makes no sense."""
+    """The configuration cannot be read or makes no sense.
+
+    `problems` holds one line per problem, "FILE:LINE: what"; the message is
+    the first, and says how many more `masq-setup check` would list.
+    """
 
     code = 78
     temporary = True
+
+    def __init__(self, message, problems=None, file=None, **kw):
+        self.problems = problems or [message]
+        if len(self.problems) > 1:
+            message += (f" (and {len(self.problems) - 1} more: masq-setup check "
+                        f"{file or ''} lists them all)").replace(" )", ")")
+        super().__init__(message, **kw)
 
 
 def find(explicit=None):
@@ -83,14 +64,124 @@ def find(explicit=None):
 def load(explicit=None):
     """Find, read and check the configuration; return a Config."""
     path = find(explicit)
-    data = _read(path)
-    conf = Config(path, data)
+    conf = Config(path, *_read(path))
     os.environ["MASQ_CONF"] = path
     return conf
 
 
+def reload(previous):
+    """The configuration as previous.file now says, for a running daemon.
+
+    When the file cannot be used, the error goes to the log (or stderr
+    before log.setup) as a warning and `previous` is returned: a daemon
+    keeps the last good configuration and goes on.
+    """
+    try:
+        return Config(previous.file, *_read(previous.file))
+    except ConfigError as e:
+        from masq import log
+        text = f"{e}; keeping the configuration read before"
+        if log.ready():
+            log.line(f"warning: {text}")
+        else:
+            log.warn(text)
+        return previous
+
+
+def check(path):
+    """Every problem of the file at `path`, one line each ([] when it is good);
+    the cache is neither read nor written."""
+    try:
+        parse(path)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def parse(path):
+    """The file parsed and checked, without the cache; a ConfigError lists every problem."""
+    import tomllib      # only when the marshal cache is stale: it costs a few ms
+    from masq import schema
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"no configuration file {path}: "
+                          f"write one with masq-setup or name one with -C") from None
+    except OSError as e:
+        raise ConfigError(f"unable to read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 at byte {e.start}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    problems = schema.check(data)
+    if problems:
+        lines = _key_lines(text)
+        located = [f"{path}:{_line_of(lines, where)}: {message}" for where, message in problems]
+        raise ConfigError(located[0], located, path)
+    return data
+
+
+def _key_lines(text):
+    """{names: line number} of each table header and key of a TOML text.
+
+    tomllib gives no positions, so this scans the lines: a header `[a.b]`
+    (or `[[a.b]]`) is the table that follows, and `key =` or `a."b".c =`
+    adds its names to the table's; the first line of each path counts.  It
+    does not follow multi-line strings and arrays: a line inside one that
+    looks like `name =` could be taken for a key.
+    """
+    import re           # only when the file has a problem
+    name = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+    key = re.compile(rf"\s*({name}(?:\s*\.\s*{name})*)\s*=")
+    header = re.compile(rf"\s*\[\[?\s*({name}(?:\s*\.\s*{name})*)\s*\]")
+    lines, table = {}, ()
+    for number, line in enumerate(text.splitlines(), 1):
+        m = header.match(line)
+        if m:
+            table = _names(m.group(1))
+            lines.setdefault(table, number)
+            continue
+        m = key.match(line)
+        if m:
+            lines.setdefault(table + _names(m.group(1)), number)
+    return lines
+
+
+def _names(dotted):
+    """The names of a dotted key: `a."b.c" . d` -> ("a", "b.c", "d")."""
+    names, word, quote = [], "", None
+    for c in dotted:
+        if quote:
+            if c == quote:
+                quote = None
+            else:
+                word += c
+        elif c in "\"'":
+            quote = c
+        elif c == ".":
+            names.append(word.strip())
+            word = ""
+        else:
+            word += c
+    names.append(word.strip())
+    return tuple(names)
+
+
+def _line_of(lines, where):
+    """The line of a key, else of the nearest table or key around it found (an
+    inline table's member: its table's key), else 1."""
+    for end in range(len(where), 0, -1):
+        if where[:end] in lines:
+            return lines[where[:end]]
+    return 1
+
+
 def _read(path):
-    """The parsed TOML file, from the cache when it is current."""
+    """(data, defaults): the parsed, checked file and the schema's defaults, from
+    the cache when it is current and trusted (then masq.schema is not even
+    imported: start-up is what the cache is for)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -98,37 +189,68 @@ def _read(path):
                           f"write one with masq-setup or name one with -C") from None
     except OSError as e:
         raise ConfigError(f"unable to read {path}: {e.strerror}") from None
-    key = (st.st_size, st.st_mtime_ns, st.st_ino, 1)
+    key = (st.st_size, st.st_mtime_ns, st.st_ino, CACHE_VERSION, _schema_stamp())
     folder, base = os.path.split(path)
     cache = os.path.join(folder, f".{base}.cache")
+    cached = _read_cache(cache, key, st)
+    if cached:
+        return cached
+    from masq import schema
+    data = parse(path)          # checked before it is cached
+    _write_cache(cache, key, data, schema.DEFAULTS, st)
+    return data, schema.DEFAULTS
+
+
+def _schema_stamp():
+    """The modification time of schema.py: a new masq's keys and defaults make
+    every cache stale."""
     try:
-        with open(cache, "rb") as f:
-            cached_key, data = marshal.load(f)
-        if cached_key == key:
-            return data
+        return os.stat(os.path.join(os.path.dirname(__file__), "schema.py")).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _read_cache(cache, key, st):
+    """(data, defaults) from the cache if current, owned by the file's owner and
+    writable by no one else; else None."""
+    try:
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with open(fd, "rb") as f:
+            own = os.fstat(fd)
+            if own.st_uid != st.st_uid or own.st_mode & 0o022 or not stat.S_ISREG(own.st_mode):
+                return None
+            cached_key, data, defaults = marshal.load(f)
     except (OSError, EOFError, ValueError, TypeError):
-        pass
-    import tomllib      # only when the marshal cache is stale: it costs a few ms
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"unable to read {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    _write_cache(cache, key, data)
-    return data
+        return None
+    return (data, defaults) if cached_key == key and isinstance(data, dict) else None
 
 
-def _write_cache(cache, key, data):
-    """Keep the parsed file for the next program; quietly skip if we cannot."""
+def _write_cache(cache, key, data, defaults, st):
+    """Keep the parsed file for the next program, with the file's owner, group and
+    mode (never writable by others); quietly skip if we cannot."""
+    if os.geteuid() not in (0, st.st_uid):
+        return          # a cache we would own could never be read
     try:
-        blob = marshal.dumps((key, data))
-    except ValueError:      # a datetime value in the file: marshal can't keep it
+        blob = marshal.dumps((key, data, defaults))
+    except ValueError:      # a value marshal can't keep
         return
+    mode = st.st_mode & 0o755
     tmp = f"{cache}.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError:
+        return
+    try:
+        try:
+            os.fchown(fd, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
+        except OSError:
+            mode &= 0o705   # another group: its bits would give the wrong group access
+        os.fchmod(fd, mode)
+        with open(fd, "wb", closefd=False) as f:
             f.write(blob)
         os.replace(tmp, cache)
     except OSError:
@@ -136,23 +258,28 @@ def _write_cache(cache, key, data):
             os.unlink(tmp)
         except OSError:
             pass
+    finally:
+        os.close(fd)
 
 
 class Config:
     """The configuration: `get("local.mailbox")` with defaults, `path()` for files."""
 
-    def __init__(self, path, data):
+    def __init__(self, path, data, defaults=None):
+        if defaults is None:
+            from masq import schema
+            defaults = schema.DEFAULTS
         self.file = path
         self.dir = os.path.dirname(path)
         self.data = data
-        self._check()
+        self.defaults = defaults
 
     def get(self, key):
         """The value of a dotted key, or its default."""
         node = self.data
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                return DEFAULTS.get(key)
+                return self.defaults.get(key)
             node = node[part]
         return node
 
@@ -184,25 +311,3 @@ class Config:
         """The [route.NAME] tables, in the order the file gives them."""
         routes = self.data.get("route", {})
         return [(name, table) for name, table in routes.items() if isinstance(table, dict)]
-
-    def _check(self):
-        """Refuse values of the wrong kind now, not in the middle of a delivery."""
-        checks = {
-            "spool": str, "aliases": str, "log": str, "max_size": int,
-            "local.mailbox": str, "local.path": str, "local.mda": str,
-            "local.users": str, "local.deliver": str, "local_domains": list, "relay_domains": list,
-            "queue.filters": list, "online.detect": str, "user": str,
-        }
-        for key, kind in checks.items():
-            value = self.get(key)
-            if value is not None and not isinstance(value, kind):
-                raise ConfigError(f"{self.file}: {key} must be a {kind.__name__}")
-        choices = {"local.mailbox": ("maildir", "mbox", "mda"),
-                   "local.users": ("any", "system"),
-                   "local.deliver": ("in-process", "child"),
-                   "online.detect": ("always", "file", "command"),
-                   "queue.show_queue": ("all", "admin")}
-        for key, allowed in choices.items():
-            if self.get(key) not in allowed:
-                raise ConfigError(f"{self.file}: {key} must be one of "
-                                  + ", ".join(f'"{a}"' for a in allowed))

@@ -39,9 +39,9 @@ class NotRunningError(Error):
     code = Exit.UNAVAILABLE
 
 
-def describe(queue):
-    """What mailq prints: one block per message, no contents."""
-    lines, count = [], 0
+def describe(queue, conf=None):
+    """What mailq prints: one block per message, each recipient with why it waits; no contents."""
+    lines, count, now = [], 0, time.time()
     for stage in spool.STAGES:
         for qid in queue.ids(stage):
             try:
@@ -57,15 +57,45 @@ def describe(queue):
             sender = msg.sender or "<>"
             lines.append(f"{qid + mark:<24} {msg.size:>9} {when}  {sender}\n")
             for i, rcpt in enumerate(msg.recipients):
-                word, _, text = msg.state.get(i, ("", 0, ""))
-                note = f" ({word}: {text})" if word else ""
-                if word != "done":
-                    lines.append(f"{'':<55}{rcpt}{note}\n")
+                why = waiting(msg, i, conf, now)
+                if why is not None:
+                    lines.append(f"{'':<55}{rcpt} ({why})\n")
     if not count and not lines:
         return ["Mail queue is empty\n"]
     header = "-Queue ID-              --Size-- ----Arrival Time----  -Sender/Recipient-------\n"
     footer = f"-- {count} message{'s' if count != 1 else ''}; * active, ! on hold\n"
     return [header, *lines, footer]
+
+
+def waiting(msg, i, conf=None, now=None):
+    """Why recipient i of msg waits, in a few words; None when it is done with.
+
+    From the spool's records (masq-spool(5)): the hold reason, the route it
+    waits for, or the next retry (attempt.backoff, as masq-send reckons it:
+    the most failed attempts of the message's deferred recipients) with the
+    last reply.  Without conf the retry time is left out.
+    """
+    word, when, text = msg.state.get(i, ("", 0.0, ""))
+    if word == "done":
+        return None
+    if msg.stage == "hold":
+        return msg.held[1] if msg.held else "on hold"
+    if word == "failed":
+        return f"failed: {text}"        # bounced; the file goes at the end of the attempt
+    if word == "waiting":
+        return text
+    if word == "deferred":
+        if conf is None:
+            return f"deferred: {text}"
+        from masq import attempt    # only here: mailq of a queue without deferrals skips it
+        tries = max(n for j, n in msg.attempts.items() if msg.state[j][0] == "deferred")
+        due = when + attempt.backoff(conf, tries)
+        if due <= (now or time.time()):
+            return f"deferred: retry due now: {text}"
+        return f"deferred: until {time.strftime('%a %b %d %H:%M:%S', time.localtime(due))}: {text}"
+    if msg.stage == "incoming":
+        return "not picked up by masq-send yet"
+    return "not tried yet"
 
 
 def is_admin(conf, uid):
@@ -144,7 +174,7 @@ class Server:
         if words == ["list"]:
             if self.conf.get("queue.show_queue") == "admin" and not is_admin(self.conf, uid):
                 return "denied the mail queue is shown only to root and masq\n", None
-            return "ok\n" + "".join(describe(self.queue)), None
+            return "ok\n" + "".join(describe(self.queue, self.conf)), None
         if words[:1] == ["flush"] and len(words) <= 2:
             route = words[1] if len(words) == 2 else None
             if route and not is_admin(self.conf, uid):

@@ -51,6 +51,7 @@ def promote(conf, queue, ids=()):
                 msg.move("active", sync=False)
                 moved = True
             elif verdict == "hold":
+                msg.note_held(f"on hold by {why}")      # why: "filter CMD: exit N: ..."
                 msg.move("hold")
                 log.event(msg.id, why, status="hold")
             else:

@@ -6,7 +6,9 @@ does (it is masq-queue's body); submit() is what the other programs call
 $MASQ_QUEUE when it is set, run as masq-queue would be (qmail's QMAILQUEUE):
 message on fd 0, envelope on fd 1, trace data in the MASQ_* variables below.
 The trace word "add" (MASQ_ADD_HEADERS) names header fields to write under
-the Received line ("date message-id"); it is not kept in the spool.
+the Received line ("date message-id"); "cert" (MASQ_CERT) is the subject of
+the client's verified TLS certificate, a comment in the Received line.
+Neither is kept in the spool.
 background() starts the delivery of what was queued, as sendmail -odb does.
 """
 import os
@@ -18,7 +20,7 @@ from masq.program import Exit
 TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
              "client_name": "MASQ_CLIENT_NAME", "helo": "MASQ_HELO",
              "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR",
-             "add": "MASQ_ADD_HEADERS"}
+             "add": "MASQ_ADD_HEADERS", "cert": "MASQ_CERT"}
 
 
 def enqueue(conf, stream, env, trace, queue=None):
@@ -38,7 +40,7 @@ def enqueue(conf, stream, env, trace, queue=None):
         archive = conf.get("queue.archive_bcc")
         if archive and archive not in env.recipients:
             env.recipients.append(archive)      # a copy of every message
-        qid = new.commit(env, {k: v for k, v in trace.items() if k != "add"})
+        qid = new.commit(env, {k: v for k, v in trace.items() if k not in ("add", "cert")})
     if not log.ready():
         log.setup(conf)
     log.event(qid, None, **{"from": f"<{env.sender}>"}, size=new.size,
@@ -104,6 +106,13 @@ def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
         temporary, text = program.classify(status)
         raise HookError(f"MASQ_QUEUE={path} refused the message: {text}", status=status,
                         temporary=temporary)
+
+
+def may_run_queue(conf):
+    """Whether this process may start a queue run: always in single-user mode; in
+    system mode only root, since masq-send must start as root to deliver locally
+    (masq-lspawn(8)): anyone else leaves the message to the daemon or root's runq."""
+    return not conf.get("user") or os.geteuid() == 0
 
 
 def background(args, main=None):

@@ -37,6 +37,10 @@ def received(qid, hostname, trace):
         if ":" in ip and not ip.startswith("IPv6:"):
             ip = "IPv6:" + ip
         lines.append(f"Received: from {helo} ({name} [{ip}])")
+        if trace.get("cert"):           # a TLS client certificate's subject, in a comment
+            cert = "".join(c if " " <= c <= "~" and c not in "()\\" else "?"
+                           for c in trace["cert"])
+            lines.append(f"\t(cert {cert})")
         lines.append(f"\tby {hostname} (masq) with {proto.upper()}")
     lines[-1] += f" id {qid}"
     if trace.get("for"):

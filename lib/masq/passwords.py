@@ -11,6 +11,16 @@ write_user() replaces or adds one user's line atomically (a temporary file,
 mode 0600 from its creation, fsynced, renamed over the old one, the folder
 fsynced), under a flock on the folder so that two writers never lose a line.
 A password is only ever compared through its hash, with hmac.compare_digest.
+One scrypt check needs 16 MiB (128 * r * n bytes), and hashlib may take no
+more than SCRYPT_MAXMEM_BYTES for it.
+
+checkpassword() asks a program instead, with the interface of D. J.
+Bernstein's checkpassword(8), as qmail-popup does: `user NUL password NUL
+timestamp NUL` on its descriptor 3, `true` as the program it would run on
+success; exit 0 means good, 1 bad, anything else (111: temporary) that no
+answer can be had now.  Its descriptors 0 and 1 are /dev/null (never the
+client's connection), 2 is ours; it runs in a session of its own and is
+killed after CHECKPASSWORD_TIMEOUT_SECONDS.
 """
 import binascii
 import os
@@ -19,6 +29,9 @@ import stat
 from masq import Error
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1    # 16 MiB, ~50 ms per check
+SCRYPT_MAXMEM_BYTES = 17 * 2 ** 20              # those 16 MiB and 1 KiB, no more
+CHECKPASSWORD_TIMEOUT_SECONDS = 30
+CHECKPASSWORD_BAD = 1                           # checkpassword(8): 1 bad, 111 temporary
 PBKDF2_ITERATIONS = 600000                      # OWASP 2023 for PBKDF2-SHA256
 HASH_BYTES = 32
 SALT_BYTES = 16
@@ -29,11 +42,21 @@ SCHEMES = ("scrypt", "pbkdf2_sha256")
 _DUMMY_SALT = b"masq-no-such-user"
 
 
-class PasswordFileError(Error):
+class UnavailableError(Error):
+    """No password can be checked now (the file, the program): AUTH fails for now."""
+
+    code = 75
+    temporary = True
+
+
+class PasswordFileError(UnavailableError):
     """The file cannot be used (unreadable, or readable by others): no AUTH."""
 
     code = 78
-    temporary = True
+
+
+class CheckpasswordError(UnavailableError):
+    """The checkpassword program gave no answer: it failed, crashed or took too long."""
 
 
 class BadUserError(Error):
@@ -97,6 +120,58 @@ def verify(path, user, password):
     return hmac.compare_digest(_derive(scheme, password, salt), digest)
 
 
+def checkpassword(program, user, password, timestamp):
+    """True when the checkpassword program says the password (bytes) is the user's."""
+    data = b"\0".join((user.encode("utf-8", "surrogateescape"), password,
+                       timestamp.encode(), b""))
+    r, w = os.pipe()
+    try:
+        os.write(w, data)           # under 2 KiB: the pipe's buffer takes it all at once
+    finally:
+        os.close(w)
+    if r == 3:                      # dup2(3, 3) would leave close-on-exec set
+        r, old = os.dup(r), r
+        os.close(old)
+    try:
+        pid = os.posix_spawn(program, [program, "true"], os.environ, setsid=True,
+                             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                           (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                                           (os.POSIX_SPAWN_DUP2, r, 3)])
+    except OSError as e:
+        raise CheckpasswordError(f"unable to run {program}: {e.strerror}") from None
+    finally:
+        os.close(r)
+    status = _wait(pid, CHECKPASSWORD_TIMEOUT_SECONDS)
+    if status is None:
+        raise CheckpasswordError(f"{program} took longer than "
+                                 f"{CHECKPASSWORD_TIMEOUT_SECONDS} s; killed")
+    code = os.waitstatus_to_exitcode(status)
+    if code in (0, CHECKPASSWORD_BAD):
+        return code == 0
+    raise CheckpasswordError(f"{program} " + (f"exited {code}" if code >= 0
+                                              else f"was killed by signal {-code}"))
+
+
+def _wait(pid, seconds):
+    """The child's wait status, or None after killing its session at the deadline."""
+    import select
+    fd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        ended = bool(poller.poll(int(seconds * 1000)))
+    finally:
+        os.close(fd)
+    if not ended:
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+        return None
+    return os.waitpid(pid, 0)[1]
+
+
 def _parse(entry):
     """(scheme, salt, hash) of `scheme$salt$hash`; (None, None, None) if it does not parse."""
     try:
@@ -116,7 +191,7 @@ def _derive(scheme, password, salt):
     import hashlib                  # OpenSSL, a few ms: only a check or a new password pays
     if scheme == "scrypt":
         return hashlib.scrypt(password, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
-                              maxmem=64 * 1024 * 1024, dklen=HASH_BYTES)
+                              maxmem=SCRYPT_MAXMEM_BYTES, dklen=HASH_BYTES)
     return hashlib.pbkdf2_hmac("sha256", password, salt, PBKDF2_ITERATIONS, HASH_BYTES)
 
 

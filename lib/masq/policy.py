@@ -2,8 +2,10 @@
 
 A client may relay when it is a local user (pipes, a Unix socket), when
 RELAYCLIENT is set (tcp-environ(5); its value is appended to each
-recipient, as qmail-smtpd does), when its IP is in smtpd.relay_nets, or
-once it has authenticated.  Anyone may send to local_domains and
+recipient, as qmail-smtpd does), when its IP is in smtpd.relay_nets,
+once it has authenticated, or once it has shown a TLS certificate that
+verified against smtpd.tls_client_ca (Client.certificate: its subject,
+from certificate_subject()).  Anyone may send to local_domains and
 relay_domains, but only a client that may relay may use the routing
 characters %!@ in such a local part.  A local recipient must pass
 masq-local's own rule (masq.local.recipient_problem); postmaster always
@@ -19,6 +21,10 @@ import pwd
 from masq import Error, address, net
 
 ROUTING_CHARACTERS = "%!@"      # sender-specified routing in a local part
+SUBJECT_MAX_CHARS = 200         # of a certificate's subject, in Received: and the log
+SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                 "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+                 "emailAddress": "emailAddress", "domainComponent": "DC"}
 
 # verdicts on a recipient
 ACCEPT = "accept"
@@ -37,6 +43,21 @@ class Client:
         self.user = local_user() if local else None
         self.trusted = (local or self.relayclient is not None
                         or net.in_nets(self.ip, relay_nets))
+        self.certificate = None     # a verified client certificate's subject
+
+
+def certificate_subject(peercert):
+    """`CN=alice,O=Example` of an ssl getpeercert() dict, safe for a header; "-" if empty.
+
+    Characters that could end or confuse a Received: comment or a log
+    line (controls, parentheses, backslash, non-ASCII) become "?".
+    """
+    pairs = [pair for rdn in (peercert or {}).get("subject", ()) for pair in rdn]
+    pairs.sort(key=lambda pair: pair[0] != "commonName")     # the name first, as people read
+    parts = [f"{SUBJECT_NAMES.get(name, name)}={value}" for name, value in pairs]
+    text = ",".join(parts)
+    text = "".join(c if " " <= c <= "~" and c not in "()\\" else "?" for c in text)
+    return text[:SUBJECT_MAX_CHARS] or "-"
 
 
 class RecipientPolicy:
@@ -60,7 +81,7 @@ class RecipientPolicy:
             return BAD_ADDRESS
         local_part, domain = address.split(path)
         domain = domain.lower()
-        may_relay = self.client.trusted or authenticated
+        may_relay = self.client.trusted or authenticated or self.client.certificate is not None
         local_domains = self.conf.local_domains
         if domain in local_domains or domain in self.relay_domains:
             if not may_relay and any(c in local_part for c in ROUTING_CHARACTERS):

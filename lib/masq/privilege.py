@@ -70,13 +70,21 @@ def start(conf):
 
 def drop(pw):
     """Become pw for good: groups, gid, uid, in that order (after setuid, no way back)."""
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    if os.getresuid() != (pw.pw_uid,) * 3 or os.getresgid() != (pw.pw_gid,) * 3 \
-            or os.getgroups() not in ([], [pw.pw_gid]):
-        raise Error(f"unable to become {pw.pw_name}: the ids did not stick", code=111)
+    become(pw.pw_uid, pw.pw_gid, pw.pw_name)
     os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+
+
+def become(uid, gid, name):
+    """setgroups([]), setgid, setuid, then check all three stuck; Error 111 otherwise."""
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise Error(f"unable to become {name}: {e.strerror}", code=111) from None
+    if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 \
+            or os.getgroups() not in ([], [gid]):
+        raise Error(f"unable to become {name}: the ids did not stick", code=111)
 
 
 class Spawner:

@@ -16,9 +16,11 @@ queue.  For one recipient:
 
 Which routes are up: [online] detect = "always" (all of them), "file" (the
 file holds the names of the routes that are up; absent or empty: none),
-"command" (its output does).  A route with `always = true` (a LAN) is up
-whenever masq runs.  `masq-send --route NAME` (sendmail -qo NAME) forces
-NAME up, as masqmail's -qo does.
+"command" (its output does), "link" (a route is up while its network link
+is: the route's `interface`, else [online] link; "" or absent: any link
+that carries a default route; masq.watch asks the kernel).  A route
+with `always = true` (a LAN) is up whenever masq runs.  `masq-send --route
+NAME` (sendmail -qo NAME) forces NAME up, as masqmail's -qo does.
 """
 import os
 
@@ -68,9 +70,27 @@ def online(conf, forced=None):
             said = []
         except OSError as e:
             raise RouteError(f"unable to read {path}: {e.strerror}") from None
+    elif detect == "link":
+        return up | _linked(conf)
     else:
         said = _command_output(conf.get("online.command"))
     return up | {name for name in said if name in names}
+
+
+def _linked(conf):
+    """detect = "link": the routes whose link is up now."""
+    from masq import watch
+    default = conf.get("online.link") or ""     # absent from older schemas: any link
+    seen, up = {}, set()
+    for name, table in conf.routes:
+        link = table.get("interface", default)
+        if not isinstance(link, str):
+            raise RouteError(f"[route.{name}] interface must be a string")
+        if link not in seen:
+            seen[link] = watch.up(link) if link else watch.default_route()
+        if seen[link]:
+            up.add(name)
+    return up
 
 
 def _command_output(command):

@@ -1,14 +1,17 @@
-"""SASL for masq-smtpd's AUTH: the PLAIN and LOGIN mechanisms, checked against the password file.
+"""SASL for masq-smtpd's AUTH: the PLAIN and LOGIN mechanisms, and what checks the password.
 
 credentials() runs one mechanism (RFC 4616 PLAIN, the LOGIN of common
 practice) through `ask(challenge)`, a function of the session that sends
 a challenge and returns the client's answer as text; it decodes the
 base64 and gives (user, password bytes), or None for credentials no user
 can have.  Acting for another user (an authzid that is not the authcid)
-is not offered.  authenticate() then checks the password through
-masq.passwords (hashes only, compared in constant time) and gives the
-user or None.  The SMTP text around it (334, 235, 535) is the session's;
-here, errors are SaslError subclasses.
+is not offered.  authenticate() then checks the password with the
+session's `check(user, password)` (which counts and limits the checks:
+masq.anvil) and gives the user or None; unusable() tells whether the
+backend, the password file (masq.passwords: hashes only, compared in
+constant time) or a checkpassword program, can serve at all.  The SMTP
+text around it (334, 235, 535) is the session's; here, errors are
+SaslError subclasses.
 
 Its own module, not part of masq.passwords: that is the file format
 (masq-setup writes it too); this is the protocol that reads the client.
@@ -66,8 +69,16 @@ def user_name(data):
         return None
 
 
-def unusable(path):
-    """Why the password file cannot serve AUTH, or None; False when there is none."""
+def unusable(path, program=""):
+    """Why the backend cannot serve AUTH, or None; False when there is none.
+
+    The backend is the checkpassword `program` when one is named, else
+    the password file at `path`.
+    """
+    if program:
+        import os
+        return None if os.access(program, os.X_OK) else \
+            f"checkpassword {program} is not an executable file"
     try:
         return passwords.status(path)
     except FileNotFoundError:
@@ -76,13 +87,13 @@ def unusable(path):
         return f"unable to read {e.filename}: {e.strerror}"
 
 
-def authenticate(path, mechanism, initial, ask):
-    """The user the client proved to be, or None; passwords.PasswordFileError if unusable."""
+def authenticate(mechanism, initial, ask, check):
+    """The user the client proved to be, or None; `check(user, password)` says."""
     found = credentials(mechanism, initial, ask)
     if found is None:
         return None
     user, password = found
-    return user if passwords.verify(path, user, password) else None
+    return user if check(user, password) else None
 
 
 class SaslError(Error):

@@ -10,6 +10,7 @@ message early (SMTP smuggling); only CRLF "." CRLF ends it.
 """
 import os
 import select
+import time
 
 from masq import Error
 
@@ -42,12 +43,15 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 TIMEOUT = "421 4.4.2 {} Error: timeout exceeded"
+TOO_SLOW = "421 4.4.2 {} Error: too slow, {} deadline exceeded"
 CONFIG_ERROR = "421 4.3.5 Error: server configuration error"
 INTERNAL_ERROR = "421 4.3.0 Error: internal error"
 ALIASES_UNAVAILABLE = "451 4.3.0 Error: alias table unavailable, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 {} Error: too many errors"
 TLS_UNAVAILABLE = "454 4.7.0 TLS not available due to local problem"
 AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"
+AUTH_LOCKED = "454 4.7.0 Error: too many failed authentications from your address, try later"
+AUTH_BUSY = "454 4.7.0 Error: too many authentications in progress, try again"
 QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 UNRECOGNIZED = "502 5.5.2 Error: command not recognized"
@@ -62,6 +66,7 @@ AUTH_BAD_BASE64 = "501 5.5.2 Error: cannot decode the response (base64)"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
 NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
+NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
@@ -97,6 +102,17 @@ class TimeoutError_(Error):
     """The client said nothing for longer than the timeout."""
 
 
+class DeadlineError(TimeoutError_):
+    """The client was too slow: a deadline over a whole line, message or session passed.
+
+    `what` names it: "command", "data" or "session".
+    """
+
+    def __init__(self, what):
+        super().__init__(f"{what} deadline exceeded")
+        self.what = what
+
+
 class ConnectionLost(Error):
     """The client went away (end of input or a broken connection)."""
 
@@ -127,8 +143,18 @@ def reply_lines(code, lines):
 class Reader:
     """Buffered reads from a descriptor, each wait bounded by `timeout` seconds.
 
+    A timeout per read alone lets a client that sends a byte a second hold
+    the connection for ever; deadlines bound the whole of a slow thing.
+    `deadline` (a time.monotonic() value, or None) ends the command line
+    or message being read, `session_deadline` the whole session; past one
+    of them fill() raises DeadlineError, named by `deadline_name` ("data")
+    or "session".  readline() can start a deadline of its own at the first
+    byte of a line, so that a client idle between commands is held to
+    `timeout` only (RFC 5321 section 4.5.3.2.7), and one trickling a line
+    to `line_seconds`.
+
     Once `tls` is set (an ssl.SSLSocket on the same connection, after
-    STARTTLS) every read goes through it, with the same timeout.
+    STARTTLS) every read goes through it, with the same limits.
     """
 
     def __init__(self, fd, timeout=300.0):
@@ -138,10 +164,29 @@ class Reader:
         self.eof = False
         self.before_wait = None      # called before blocking (flush replies)
         self.tls = None
+        self.deadline = None
+        self.deadline_name = "data"
+        self.session_deadline = None
 
     def pending(self):
         """True when input is already buffered (a pipelining client)."""
         return bool(self.buf)
+
+    def wait_seconds(self):
+        """How long the next wait may be: the timeout, or less before a deadline."""
+        wait, now = self.timeout, time.monotonic()
+        for what, deadline in ((self.deadline_name, self.deadline),
+                               ("session", self.session_deadline)):
+            if deadline is not None:
+                if now >= deadline:
+                    raise DeadlineError(what)
+                wait = min(wait, deadline - now)
+        return wait
+
+    def _timed_out(self):
+        """The error for a wait that ended with nothing read."""
+        self.wait_seconds()         # raises DeadlineError when that is why
+        return TimeoutError_("timeout")
 
     def fill(self):
         """Read more into the buffer; raise ConnectionLost at end of input."""
@@ -153,8 +198,8 @@ class Reader:
             self.before_wait()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        if not poller.poll(self.timeout * 1000):
-            raise TimeoutError_("timeout")
+        if not poller.poll(math_ceil(self.wait_seconds() * 1000)):
+            raise self._timed_out()
         try:
             data = os.read(self.fd, READ_BYTES)
         except OSError as e:
@@ -168,11 +213,11 @@ class Reader:
     def _fill_tls(self):
         if self.before_wait and not self.tls.pending():
             self.before_wait()
-        self.tls.settimeout(self.timeout)
+        self.tls.settimeout(self.wait_seconds())
         try:
             data = self.tls.recv(READ_BYTES)
         except TimeoutError:
-            raise TimeoutError_("timeout") from None
+            raise self._timed_out() from None
         except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
             self.eof = True
             raise ConnectionLost(f"TLS read error: {e}") from None
@@ -181,20 +226,31 @@ class Reader:
             raise ConnectionLost("connection closed by the client")
         self.buf += data
 
-    def readline(self, limit):
+    def readline(self, limit, line_seconds=None):
         """One line ending in LF, at most `limit` bytes; a longer line -> ProtocolError.
 
-        The rest of a long line is read and thrown away (bounded memory).
+        With `line_seconds` (and no deadline already running), the line must
+        be complete that long after its first byte came (DeadlineError
+        "command").  The rest of a long line is read and thrown away
+        (bounded memory).
         """
-        while True:
-            i = self.buf.find(b"\n", 0, limit)
-            if i >= 0:
-                line, self.buf = self.buf[:i + 1], self.buf[i + 1:]
-                return line
-            if len(self.buf) >= limit:
-                self._skip_line()
-                raise ProtocolError(LINE_TOO_LONG)
-            self.fill()
+        own = line_seconds is not None and self.deadline is None
+        try:
+            while True:
+                if own and self.buf and self.deadline is None:
+                    self.deadline, self.deadline_name = time.monotonic() + line_seconds, \
+                        "command"
+                i = self.buf.find(b"\n", 0, limit)
+                if i >= 0:
+                    line, self.buf = self.buf[:i + 1], self.buf[i + 1:]
+                    return line
+                if len(self.buf) >= limit:
+                    self._skip_line()
+                    raise ProtocolError(LINE_TOO_LONG)
+                self.fill()
+        finally:
+            if own:
+                self.deadline, self.deadline_name = None, "data"
 
     def _skip_line(self):
         while True:
@@ -432,6 +488,11 @@ def parse_bdat(arg):
     if len(words) == 2 and words[1].upper() == "LAST":
         return int(words[0]), True
     return None, False
+
+
+def math_ceil(x):
+    """ceil() without importing math."""
+    return int(x) + (x > int(x))
 
 
 def _too_big(max_size):

@@ -1,7 +1,8 @@
 """masq-smtpd's configuration: the [smtpd] settings, its TLS context, and the listener's preload.
 
-read_settings() gives every key of SETTINGS (masq.toml(5)), its default
-when absent; a value of the wrong kind is a ConfigError, never a guess.
+read_settings() gives every [smtpd] key of masq.schema (masq.toml(5)), its
+default when absent; config.load has refused values of the wrong kind, and
+a relay_nets entry that is no network is a ConfigError, never a guess.
 tls_context() builds the server's SSLContext once per process and again
 only when the certificate or key file changed.  A listener that forks a
 session per connection (masq-tcpserver) calls preload() once; load() in
@@ -11,27 +12,14 @@ this module's state, kept for the life of the process on purpose.
 """
 import os
 
-from masq import Error, config, net
+from masq import Error, config, net, schema
 
-# [smtpd] keys and their defaults (masq.toml(5))
-SETTINGS = {
-    "relay_nets": ["127.0.0.0/8", "::1/128"],
-    "max_recipients": 100,
-    "max_errors": 10,
-    "command_timeout": 300,     # RFC 5321 section 4.5.3.2.7: at least 5 minutes
-    "data_timeout": 600,
-    "greet_delay": 0,           # seconds to wait for a client that talks first
-    "pregreet": "reject",       # "reject" (521 and close) | "ignore"
-    "tls_cert": "",             # PEM file; "" offers no STARTTLS
-    "tls_key": "",              # PEM file; "": the key is in tls_cert's file
-    "passwords": "passwd",      # AUTH users (masq-setup passwd); absent: no AUTH
-    "auth_without_tls": False,  # unsafe: passwords in clear text on the network
-    "add_missing_headers": "trusted",   # Date:, Message-ID: "trusted" | "all" | "none"
-}
+# [smtpd] keys and their defaults: masq.schema (masq.toml(5))
+SETTINGS = {name: key.default for name, key in schema.table_keys("smtpd.").items()}
 TLS_MIN_VERSION = "TLSv1_2"
 
 _preloaded = None                   # (config, file key) read by the listener
-_tls_contexts = {}                  # (cert, key) -> (file keys, ssl.SSLContext)
+_tls_contexts = {}                  # (cert, key, client CA) -> (file keys, SSLContext)
 
 
 def load(conf_file):
@@ -41,19 +29,10 @@ def load(conf_file):
 
 
 def read_settings(conf):
-    """The [smtpd] table with defaults; a value of the wrong kind is a ConfigError."""
+    """The [smtpd] table with defaults (config.load checked the kinds); a relay_nets
+    entry that is no address or network is a ConfigError."""
     table = conf.table("smtpd")
-    settings = {}
-    for key, default in SETTINGS.items():
-        value = table.get(key, default)
-        if isinstance(default, bool):
-            kind = bool
-        else:
-            kind = (int, float) if isinstance(default, int) else type(default)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise config.ConfigError(f"{conf.file}: smtpd.{key} must be a "
-                                     f"{type(default).__name__}")
-        settings[key] = value
+    settings = {key: table.get(key, default) for key, default in SETTINGS.items()}
     for network in settings["relay_nets"]:
         base, _, length = str(network).partition("/")
         address = net.parse_ip(base)
@@ -61,30 +40,33 @@ def read_settings(conf):
                 or int(length or 0) > (32 if address[0] == 4 else 128)):
             raise config.ConfigError(f"{conf.file}: smtpd.relay_nets: {network!r} is not an "
                                      "address or address/length")
-    if settings["pregreet"] not in ("reject", "ignore"):
-        raise config.ConfigError(f'{conf.file}: smtpd.pregreet must be "reject" or "ignore"')
-    if settings["add_missing_headers"] not in ("trusted", "all", "none"):
-        raise config.ConfigError(f'{conf.file}: smtpd.add_missing_headers must be "trusted", '
-                                 '"all" or "none"')
     return settings
 
 
 def tls_files(conf, settings):
-    """(certificate, key or None) as absolute paths, or None without STARTTLS."""
+    """(certificate, key or None, client CA or None) as absolute paths, or None without
+    STARTTLS."""
     if not settings["tls_cert"]:
         return None
-    key = settings["tls_key"]
-    return conf.path(settings["tls_cert"], is_value=True), \
-        (conf.path(key, is_value=True) if key else None)
+    key, ca = settings["tls_key"], settings["tls_client_ca"]
+    return (conf.path(settings["tls_cert"], is_value=True),
+            conf.path(key, is_value=True) if key else None,
+            conf.path(ca, is_value=True) if ca else None)
 
 
-def tls_context(cert, key):
-    """The server's SSLContext, built once per process while the files are unchanged."""
+def tls_context(cert, key, client_ca=None):
+    """The server's SSLContext, built once per process while the files are unchanged.
+
+    With `client_ca` it asks the client for a certificate (CERT_OPTIONAL):
+    none is fine, one that verifies against that CA makes the peer
+    certificate available, and one that does not fails the handshake
+    (Python's ssl has no verify callback to let it pass unverified).
+    """
     try:
-        stamp = (_file_key(cert), _file_key(key) if key else None)
+        stamp = tuple(_file_key(f) if f else None for f in (cert, key, client_ca))
     except OSError as e:
         raise Error(f"unable to read {e.filename}: {e.strerror}") from None
-    cached = _tls_contexts.get((cert, key))
+    cached = _tls_contexts.get((cert, key, client_ca))
     if cached and cached[0] == stamp:
         return cached[1]
     import ssl                      # 10 ms: only STARTTLS (or the listener's preload) pays
@@ -96,7 +78,13 @@ def tls_context(cert, key):
     except (OSError, ssl.SSLError) as e:
         raise Error(f"unable to load the TLS certificate {cert}"
                     f"{' and key ' + key if key else ''}: {e}") from None
-    _tls_contexts[(cert, key)] = (stamp, context)
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise Error(f"unable to load the client CA {client_ca}: {e}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    _tls_contexts[(cert, key, client_ca)] = (stamp, context)
     return context
 
 

@@ -21,6 +21,8 @@ and after the data come records, one per line, "word value":
     proto local
     done 0 1764100002.5 maildir        state, appended after each attempt
     failed 1 ... / deferred 1 ... / warned ...
+    waiting 1 ... for route isp         no route up: written when the reason changes
+    held 1764100009.1 by the admin      why the message went to hold/
 
 States of a message, and what a crash in each leaves (cf. qmail INTERNALS):
 
@@ -59,7 +61,7 @@ KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal",
 COPY_BYTES = 65536
 TMP_GRACE_SECONDS = 60         # check leaves younger tmp/ files alone (created, not yet locked)
 TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
-STATE_WORDS = ("done", "failed", "deferred")
+STATE_WORDS = ("done", "failed", "deferred", "waiting")
 
 
 class SpoolError(Error):
@@ -361,6 +363,7 @@ class Message:
         self.last_attempt = 0.0
         self.first_deferred = None  # when a temporary failure was first recorded
         self.warned = 0.0
+        self.held = None            # (time, why) of the last move to hold/
         for raw in lines[:-1]:
             word, _, value = raw.decode("utf-8", "surrogateescape").partition(" ")
             if word == "sender":
@@ -375,6 +378,8 @@ class Message:
                     continue
                 text = fields[2] if len(fields) > 2 else ""
                 self.state[index] = (word, when, text)
+                if word == "waiting":       # no attempt was made
+                    continue
                 self.last_attempt = max(self.last_attempt, when)
                 if word == "deferred":
                     self.attempts[index] = self.attempts.get(index, 0) + 1
@@ -383,6 +388,12 @@ class Message:
             elif word == "warned":
                 try:
                     self.warned = float(value)
+                except ValueError:
+                    pass
+            elif word == "held":
+                when, _, why = value.partition(" ")
+                try:
+                    self.held = (float(when), why)
                 except ValueError:
                     pass
             elif word in TRACE_WORDS:
@@ -464,6 +475,10 @@ class Message:
 
     def note_warned(self):
         self._append(_records([("warned", f"{time.time():.3f}")]), True)
+
+    def note_held(self, why):
+        """Say why the message goes to hold/ (before the move: mailq shows it there)."""
+        self._append(_records([("held", f"{time.time():.3f} {why}")]), True)
 
     def _append(self, data, sync):
         try:

@@ -259,6 +259,9 @@ def _deliver(conf, opts, qid, woken):
     if opts.delivery == "q":
         say(f"{name}: left in the queue for the next queue run (-odq)")
         return Exit.OK
+    if not woken and not handoff.may_run_queue(conf):
+        say(f"{name}: no masq-send daemon listening: the message waits for it or root's runq")
+        return Exit.OK
     if opts.delivery == "b":
         if woken:
             say(f"{name}: the masq-send daemon was woken")
@@ -311,7 +314,8 @@ def run_queue(conf, opts):
             program._say(f"{program.name()}: masq-send runs the queue now")
         return Exit.OK
     route = ["--route", opts.route] if opts.route else []
-    return _program("send").main(["-C", conf.file, "--once", *route])
+    verbose = ["-v"] if opts.verbose else []        # runq -v: a line per attempt
+    return _program("send").main(["-C", conf.file, "--once", *verbose, *route])
 
 
 def _system_uid(conf):
@@ -366,9 +370,22 @@ def check_aliases(conf, opts):
 
 
 def smtp(conf, opts):
-    """-bs: masq-smtpd on stdin and stdout, for the user who runs us."""
-    smtpd = _program("smtpd")
+    """-bs: masq-smtpd on stdin and stdout, for the user who runs us.
+
+    In system mode only the masq user writes the spool: root's -bs becomes
+    masq first (as inetd's user field would make it); another user's is
+    refused, as that user could not queue what the dialogue accepts.
+    """
     login, _ = cleanup.user()
+    masq_uid = _system_uid(conf)
+    if masq_uid is not None and os.geteuid() != masq_uid:
+        if os.geteuid() != 0:
+            raise Error("-bs runs as the masq user in system mode: other users submit "
+                        "with sendmail, or SMTP to localhost port 25",
+                        code=Exit.NOPERM, temporary=False)
+        from masq import privilege
+        privilege.drop(pwd.getpwuid(masq_uid))
+    smtpd = _program("smtpd")
     os.environ.update(MASQ_PROTO="esmtp", MASQ_USER=login)
     return smtpd.main(["-C", conf.file])
 

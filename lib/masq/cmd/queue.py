@@ -24,7 +24,7 @@ import os
 import pwd
 import sys
 
-from masq import Error, config, envelope, handoff, log, program, spool
+from masq import Error, address, config, envelope, handoff, log, program, spool
 from masq.program import Exit
 
 def main(argv=None):
@@ -40,10 +40,10 @@ def main(argv=None):
     queue = spool.Spool(conf.path("spool"))
     if args["list"]:
         from masq import control    # it loads socket: the enqueue path must not pay for that
-        sys.stdout.writelines(control.describe(queue))
+        sys.stdout.writelines(control.describe(queue, conf))
         return Exit.OK
     if args["show"]:
-        return show(queue, args["ID"][0])
+        return show(conf, queue, args["ID"][0])
     if args["check"]:
         problems = list(spool.check(queue, repair=args["--repair"]))
         for line in problems:
@@ -62,18 +62,32 @@ def enqueue_from_fds(conf_file):
     trace = {word: os.environ[var] for word, var in handoff.TRACE_ENV.items()
              if os.environ.get(var)}
     with open(0, "rb", buffering=0, closefd=False) as stream:
-        handoff.enqueue(conf, stream, lambda: envelope.read(1), trace)
+        handoff.enqueue(conf, stream, lambda: checked(envelope.read(1)), trace)
     return Exit.OK
 
 
-def show(queue, qid):
-    """Print a message's envelope, state and data."""
+def checked(env):
+    """The envelope, once each address parses (address.check): 65 otherwise, nothing queued."""
+    try:
+        address.check(env.sender, allow_empty=True, need_domain=False)
+        for rcpt in env.recipients:
+            address.check(rcpt, need_domain=False)
+    except address.AddressError as e:
+        raise Error(address.refused(e), code=Exit.DATAERR, temporary=False) from None
+    return env
+
+
+def show(conf, queue, qid):
+    """Print a message's envelope, state (each recipient's as mailq says it) and data."""
+    from masq import control    # as for list
     msg = queue.find(qid)
     out = sys.stdout.buffer
     out.write(f"id {msg.id}\nstage {msg.stage}\nsender {msg.sender}\n".encode())
     for i, rcpt in enumerate(msg.recipients):
-        word, when, text = msg.state.get(i, ("pending", 0, ""))
-        out.write(f"rcpt {rcpt} {word} {text}\n".rstrip().encode() + b"\n")
+        _, _, text = msg.state.get(i, ("", 0, ""))
+        why = control.waiting(msg, i, conf)
+        said = f"done: {text}" if why is None else why
+        out.write(f"rcpt {rcpt} ({said})\n".encode("utf-8", "surrogateescape"))
     for word, value in msg.trace.items():
         out.write(f"{word} {value}\n".encode())
     out.write(b"\n")
@@ -97,6 +111,7 @@ def change(conf, queue, args):
                 msg.remove()
                 log.event(qid, "removed by " + _who(), status="removed")
             elif args["hold"]:
+                msg.note_held(f"held by the admin ({_who()})")
                 msg.move("hold")
                 log.event(qid, "held by " + _who(), status="hold")
             elif msg.stage == "hold":

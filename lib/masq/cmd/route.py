@@ -27,6 +27,11 @@ def main(argv=None):
     conf = config.load(args["-C"])
     up = route.online(conf, forced=args["--route"])
     sender = address.strip_brackets(args["--from"] or "")
+    try:
+        address.check(sender, allow_empty=True, need_domain=False)
+    except address.AddressError as e:
+        raise Error(f"{address.refused(e)} (--from)", code=Exit.DATAERR,
+                    temporary=False) from None
     status = Exit.OK
     for raw in args["ADDRESS"]:
         line, code = explain(conf, address.strip_brackets(raw), sender, up)
@@ -39,8 +44,8 @@ def explain(conf, rcpt, sender, up):
     """(one line for people, exit code) for one address."""
     try:
         address.check(rcpt, need_domain=False)
-    except Error as e:
-        return f"bounce: does not parse: {e}", Exit.DATAERR
+    except address.AddressError as e:
+        return f"bounce: {address.refused(e)}", Exit.DATAERR
     decision = route.decide(conf, rcpt, sender, up)
     if decision.kind == "local":
         return local(conf, address.unquote_local(address.split(rcpt)[0]))

@@ -1,7 +1,7 @@
 """masq-send: the scheduler: deliver what can go now, keep the rest for later.
 
 Usage:
-  masq-send [-C FILE] [--once] [--route NAME] [ID...]
+  masq-send [-C FILE] [--once] [-v] [--route NAME] [ID...]
   masq-send -h | --help
 
 Options:
@@ -9,6 +9,7 @@ Options:
   --once        One queue run, then exit (runq): every message that can go is
                 tried once, whatever its back-off says.
   --route NAME  Run as if route NAME were online (sendmail -qo NAME).
+  -v            With --once: one line on stderr per recipient as it is tried.
   -h --help     Show this.
 
 Without --once it is the daemon: woken by masq-queue through the spool's
@@ -26,39 +27,64 @@ users' mailq and runq on spool/control (masq.control).
 import os
 import select
 import signal
+import sys
 import time
 
-from masq import Error, attempt, config, control, drop, log, privilege, program, relay, route
-from masq import spool
+from masq import Error, config, log, program, route, spool
 from masq.filter import promote
 from masq.program import Exit
 
-POLL_SECONDS = 60               # the daemon looks at the online routes this often
+# An idle daemon holds only what waiting needs: masq.attempt and masq.relay
+# (and the socket, enum, mailbox and SMTP modules behind them), masq.drop,
+# masq.control and masq.privilege (system mode) are imported by the code
+# that uses them, when it first runs.
+
+POLL_SECONDS = 60               # detect = "command" (or a failed watch): asked this often
 
 
 def main(argv=None):
-    args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
+    args = _quick(sys.argv[1:] if argv is None else argv) \
+        or program.parse(__doc__, argv, usage_code=Exit.USAGE)
     conf = config.load(args["-C"])
-    privilege.start(conf)       # system mode as root: masq-lspawn, then masq for good
+    if conf.get("user"):
+        from masq import privilege
+        privilege.start(conf)   # system mode as root: masq-lspawn, then masq for good
     log.setup(conf)
     queue = spool.Spool(conf.path("spool"))
     if args["--once"] or args["ID"]:
-        run_once(conf, queue, args["--route"], args["ID"])
+        from masq import attempt
+        report = attempt.Report(sys.stderr, program.name(), args["-v"])
+        try:
+            run_once(conf, queue, args["--route"], args["ID"], report)
+        finally:
+            report.close()
         return Exit.OK
     return Daemon(conf, queue, args["--route"]).run()
 
 
-def run_once(conf, queue, forced=None, ids=()):
+def _quick(argv):
+    """The daemon's argv, none or -C FILE, parsed without docopt: docopt brings
+    re, enum and typing, a sixth of the idle daemon's memory.  Anything else
+    returns None and docopt decides."""
+    if argv and (len(argv) != 2 or argv[0] != "-C" or argv[1].startswith("-")):
+        return None
+    return {"-C": argv[1] if argv else None, "--once": False, "-v": False, "--route": None,
+            "ID": [], "--help": False}
+
+
+def run_once(conf, queue, forced=None, ids=(), report=None):
     """One queue run: promote incoming, try every active message once.
 
     Bounces made during the run are delivered in the same run (a few passes
     at most), so that runq leaves nothing behind that it could have sent.
+    `report` (attempt.Report) shows each attempt and the progress on stderr.
     """
+    from masq import relay
     program.title("masq-send: queue run")
     up = route.online(conf, forced)
     relay.route_came_up(conf, queue, [forced] if forced else ())   # -qo NAME: try it now
     tried = set()
-    runner = _runner(conf, queue, up, runq=True)
+    runner = _runner(conf, queue, up, runq=True, report=report)
     if not ids:
         pick_up(conf, queue)
     try:
@@ -69,6 +95,8 @@ def run_once(conf, queue, forced=None, ids=()):
             else:
                 messages = [m for m in queue.messages(("active",)) if m.id not in tried]
             tried.update(m.id for m in messages)
+            if report:
+                report.add(len(messages))
             runner.run(messages)
             queued = runner.take_queued()
             if not messages:
@@ -85,15 +113,18 @@ def pick_up(conf, queue):
     """System mode: queue the drop files users left (masq.drop); before promote."""
     if not conf.get("user"):
         return
+    from masq import drop
     try:
         drop.pick_up(conf, queue)
     except Error as e:
         log.warn(f"{e}; drop files wait for the next run")
 
 
-def _runner(conf, queue, up, runq=False, stopping=None):
+def _runner(conf, queue, up, runq=False, stopping=None, report=None):
     """The attempts of one queue run (masq.attempt), with its relay (masq.relay)."""
-    return attempt.Run(conf, queue, up, relay.Relay(conf, queue, runq, stopping), stopping)
+    from masq import attempt, relay
+    return attempt.Run(conf, queue, up, relay.Relay(conf, queue, runq, stopping), stopping,
+                       report)
 
 
 def _find(queue, qid):
@@ -107,13 +138,26 @@ def _find(queue, qid):
 
 
 class Daemon:
-    """The queue runner that stays: trigger FIFO, control socket, back-off schedule, SIGTERM."""
+    """The queue runner that stays, asleep in select() until something happens.
+
+    It wakes for the trigger FIFO (an enqueue; SIGTERM writes to it too),
+    the control socket (system mode), inotify on masq.toml and the online
+    file (detect = "file"), rtnetlink (detect = "link"), and the time the
+    next message or filter retry is due.  With nothing due select() has no
+    timeout: an idle daemon makes no system call.  Only detect = "command",
+    which has no event to wait for, or a watch the kernel refused, makes it
+    look every POLL_SECONDS.
+    """
 
     def __init__(self, conf, queue, forced=None):
         self.conf, self.queue, self.forced = conf, queue, forced
         self.stopping = False
         self.due = {}               # qid -> when to try it next
         self.up = None              # the routes up at the last look
+        self.look = True            # the routes may have changed: look before sleeping
+        self.next_look = None       # polling only: when to look again
+        self.refilter = None        # when to filter again what a filter deferred
+        self.files = self.links = None
 
     def run(self):
         signal.signal(signal.SIGTERM, self._stop)
@@ -126,18 +170,17 @@ class Daemon:
         except OSError as e:
             raise Error(f"unable to open {fifo}: {e.strerror}; "
                         "make the spool with masq-setup") from None
-        # system mode: users' mailq and runq ask through spool/control (masq.control)
-        server = control.Server(self.conf, self.queue) if self.conf.get("user") else None
-        waits = [rfd] + ([server] if server else [])
+        server = None
+        if self.conf.get("user"):   # system mode: users' mailq and runq (masq.control)
+            from masq import control
+            server = control.Server(self.conf, self.queue)
+        self.watch()
         log.line(f"daemon started on {self.queue.path}")
         while not self.stopping:
-            up = self.online()
-            if up != self.up:           # at start too: the first full scan
-                relay.route_came_up(self.conf, self.queue, up - (self.up or set()))
-                self.up = up
-                self.full_scan()
-            wake = min(self.due.values(), default=time.time() + POLL_SECONDS)
-            timeout = max(0.0, min(wake - time.time(), POLL_SECONDS))
+            if self.look or (self.next_look and time.time() >= self.next_look):
+                self.look_at_routes()   # at start too: the first full scan
+            waits = [w for w in (rfd, server, self.files, self.links) if w is not None]
+            timeout = self.timeout()
             program.title("masq-send: idle, "
                           f"{len(self.due)} message{'s' if len(self.due) != 1 else ''} waiting")
             try:
@@ -146,22 +189,78 @@ class Daemon:
                 continue
             if self.stopping:
                 break
-            if server in ready:
+            if self.files is not None and self.files in ready:
+                self.changed(self.files.read())
+            if self.links is not None and self.links in ready:
+                self.look = self.links.read() or self.look
+            if server is not None and server in ready:
                 action = server.serve()
                 if action:
                     self.flush(action[1])
             if rfd in ready:
                 _drain(rfd)
                 self.new_mail()
-            elif not ready:
+            elif not ready:             # the time something was due
                 self.adopt()
             self.run_due()
-        if server:
-            server.close()
+        for w in (server, self.files, self.links):
+            if w is not None:
+                w.close()
         os.close(rfd)
         os.close(wfd)
         log.line("daemon stopped")
         return Exit.OK
+
+    def watch(self):
+        """Watch masq.toml, and what online detection reads: the online file
+        (inotify) or the links (rtnetlink); poll when the kernel refuses."""
+        from masq import watch      # ctypes or socket: only what this detection needs
+        for w in (self.files, self.links):
+            if w is not None:
+                w.close()
+        self.files = self.links = self.next_look = None
+        detect = None if self.forced else self.conf.get("online.detect")
+        paths = [self.conf.file]
+        if detect == "file":
+            paths.append(self.conf.path("online.file"))
+        poll = detect == "command"
+        try:
+            self.files = watch.Files(paths)
+        except watch.WatchError as e:
+            log.warn(f"{e}; looking at {' and '.join(paths)} every {POLL_SECONDS} s")
+            poll = True
+        if detect == "link":
+            try:
+                self.links = watch.Links()
+            except watch.WatchError as e:
+                log.warn(f"{e}; looking at the links every {POLL_SECONDS} s")
+                poll = True
+        if poll:
+            self.next_look = time.time()
+
+    def changed(self, paths):
+        """inotify: masq.toml is read again; any change means a look at the routes."""
+        if self.conf.file in paths:
+            self.reconfigure()
+        if paths:
+            self.look = True
+
+    def reconfigure(self):
+        """masq.toml changed: the new one, or the last good one (the error is logged).
+
+        spool, user and log stay as they were at start: they need a restart.
+        """
+        conf = config.reload(self.conf)
+        if conf is not self.conf:
+            log.line(f"configuration {conf.file} read again")
+            self.conf = conf
+            self.watch()
+
+    def timeout(self):
+        """Seconds until the next thing due, or None: sleep until an event."""
+        times = [t for t in (min(self.due.values(), default=None), self.refilter,
+                             self.next_look) if t is not None]
+        return max(0.0, min(times) - time.time()) if times else None
 
     def online(self):
         """The routes up now; on a broken online file or command, those up before."""
@@ -171,6 +270,25 @@ class Daemon:
             log.warn(f"{e}; keeping the routes known to be up")
             return self.up if self.up is not None else set()
 
+    def look_at_routes(self):
+        """A full scan when the routes up are not those of the last look."""
+        self.look = False
+        if self.next_look is not None:
+            self.next_look = time.time() + POLL_SECONDS
+        up = self.online()
+        if up == self.up:
+            return
+        came = up - (self.up or set())
+        # at start, with nothing queued, no host status could hold mail back:
+        # masq.relay (and what it imports) waits for the first delivery
+        if came and (self.up is not None or self.queue.ids("active")
+                     or self.queue.ids("incoming")):
+            from masq import relay
+            relay.route_came_up(self.conf, self.queue, came)
+        self.up = up
+        log.line(f"routes up: {', '.join(sorted(up)) or 'none'}")
+        self.full_scan()
+
     def _stop(self, signum, frame):
         self.stopping = True
         try:
@@ -178,10 +296,18 @@ class Daemon:
         except OSError:
             pass
 
+    def promote_incoming(self, ids=()):
+        """incoming -> active; what a filter deferred is due again after queue.retry_min."""
+        pick_up(self.conf, self.queue)     # system mode: users' drop files first
+        promote(self.conf, self.queue, ids)
+        if not self.queue.ids("incoming"):
+            self.refilter = None
+        elif self.refilter is None or self.refilter <= time.time():
+            self.refilter = time.time() + self.conf.get("queue.retry_min")
+
     def full_scan(self):
         """Every active message becomes due now (after start, or a route change)."""
-        pick_up(self.conf, self.queue)
-        promote(self.conf, self.queue)
+        self.promote_incoming()
         now = time.time()
         self.due = {}
         for qid in self.queue.ids("active"):
@@ -189,17 +315,15 @@ class Daemon:
         self.run_due()
 
     def new_mail(self):
-        pick_up(self.conf, self.queue)     # a user's drop file woke us as masq-queue does
-        ids = self.queue.ids("incoming")
-        promote(self.conf, self.queue, ids)
+        """The trigger: an enqueue, a drop file, a release; new active messages are due now."""
+        self.promote_incoming(self.queue.ids("incoming"))
         now = time.time()
-        for qid in ids:
-            self.due[qid] = now
+        for qid in self.queue.ids("active"):
+            self.due.setdefault(qid, now)
 
     def adopt(self):
         """Filter again what a filter deferred; take on active messages we do not know."""
-        pick_up(self.conf, self.queue)
-        promote(self.conf, self.queue)
+        self.promote_incoming()
         now = time.time()
         for qid in self.queue.ids("active"):
             self.due.setdefault(qid, now)
@@ -237,6 +361,7 @@ class Daemon:
                     self.due[qid] = nxt
         finally:
             runner.close()
+
 
 
 def _drain(fd):

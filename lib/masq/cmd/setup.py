@@ -15,6 +15,7 @@ Usage:
   masq-setup system lan-server --lan CIDR... [--hostname NAME] [--mailbox KIND]
              [--admin USER] [--force] [--enable]
   masq-setup system --uninstall
+  masq-setup check [CONF]
   masq-setup -h | --help
 
 Options:
@@ -47,6 +48,10 @@ the password is the first line of stdin, stored only as a salted hash.
 /etc/masq/masq.toml, /var/spool/masq, the links /usr/sbin/sendmail,
 /usr/lib/sendmail, /usr/bin/mailq, /usr/bin/newaliases and /usr/bin/runq,
 and systemd units; `system --uninstall` undoes it (masq-setup(8)).
+
+`check` reads CONF (else the file every program would read) as every
+program does and prints each problem with its line: an unknown table or
+key, a value of the wrong kind (exit 78), or that it has none (exit 0).
 """
 import getpass
 import ipaddress
@@ -156,6 +161,8 @@ class UsageError(Error):
 
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
+    if args["check"]:
+        return check(args["CONF"])
     if args["system"]:
         return system(args)
     folder = os.path.abspath(args["DIR"])
@@ -177,6 +184,24 @@ def main(argv=None):
         raise Error(f"unable to write {e.filename}: {e.strerror}", code=Exit.CANTCREAT) from None
     print(f"masq-setup: wrote {folder} ({profile}); send with {folder}/bin/sendmail, "
           f"mail lands in {folder}/mail/")
+    return Exit.OK
+
+
+def check(conf_file):
+    """masq-setup check: every problem of a configuration file, one line each."""
+    path = config.find(conf_file)
+    problems = config.check(path)
+    if not problems:
+        from masq import smtpdconfig
+        try:
+            smtpdconfig.read_settings(config.Config(path, config.parse(path)))
+        except config.ConfigError as e:
+            problems = e.problems
+    for line in problems:
+        print(f"masq-setup: {line}", file=sys.stderr)
+    if problems:
+        return Exit.CONFIG
+    print(f"masq-setup: {path}: no problems")
     return Exit.OK
 
 

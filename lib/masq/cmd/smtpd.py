@@ -12,7 +12,10 @@ SMTP commands come on fd 0, replies go to fd 1 (a socket from tcpserver,
 inetd or systemd, or a pair of pipes).  The client is described by
 TCPREMOTEIP, TCPREMOTEHOST and RELAYCLIENT (tcp-environ(5)); no DNS lookups.
 STARTTLS is offered when a certificate is configured and fds 0 and 1 are
-one socket; AUTH PLAIN and LOGIN only after it, against the password file.
+one socket; AUTH PLAIN and LOGIN only after it, against the password file
+or a checkpassword program, with failures counted per client address and
+checks limited over all sessions (masq.anvil).  Deadlines bound a whole
+command line, message and session: a client too slow gets 421.
 Each message goes to masq-queue in-process, or to the program $MASQ_QUEUE
 names; 250 is said only once it is durable.  When no masq-send daemon
 listens on the spool's trigger, a detached masq-send --once delivers it.
@@ -32,6 +35,7 @@ from masq import Error, address, log, net, policy, program, smtp, smtpdconfig
 from masq.program import Exit
 
 AUTH_FAILURE_DELAY_SECONDS = 1  # slows a password guesser down (also counts as an error)
+AUTH_SLOT_WAIT_SECONDS = 10     # for a free password-check slot (auth_max_concurrent)
 RECIPIENT_REPLIES = {policy.ACCEPT: smtp.RCPT_OK, policy.BAD_ADDRESS: smtp.BAD_RCPT,
                      policy.RELAY_DENIED: smtp.RELAY_DENIED, policy.UNKNOWN_USER: smtp.UNKNOWN_USER}
 # max_errors counts the client's mistakes; a recipient refused by policy is an
@@ -54,6 +58,9 @@ def main(argv=None):
     try:
         try:
             session.run()
+        except smtp.DeadlineError as e:
+            session.reply(smtp.TOO_SLOW.format(session.host, e.what))
+            session.log_line(f"too slow: client={session.who()} deadline={e.what}")
         except smtp.TimeoutError_:
             session.reply(smtp.TIMEOUT.format(session.host))
         except smtp.ConnectionLost:
@@ -74,7 +81,7 @@ def preload(argv=()):
     The imports a session makes late (see there why), and the configuration
     and TLS context (masq.smtpdconfig.preload).
     """
-    from masq import handoff, local, sasl  # noqa: F401 -- once, in the listener
+    from masq import anvil, handoff, local, sasl  # noqa: F401 -- once, in the listener
     smtpdconfig.preload(argv[1] if len(argv) == 2 and argv[0] == "-C" else None)
 
 
@@ -96,6 +103,8 @@ class ServerSession:
         self.max_size = conf.get("max_size")
         self.reader = smtp.Reader(0, settings["command_timeout"])
         self.reader.before_wait = self.flush
+        if settings["session_deadline"]:
+            self.reader.session_deadline = time.monotonic() + settings["session_deadline"]
         self.out = []
         self.errors = 0
         self.helo = None
@@ -107,7 +116,8 @@ class ServerSession:
         self.tls_files = smtpdconfig.tls_files(conf, settings)
         self.starttls_offered = self.tls_files is not None and net.stdio_is_one_socket()
         self.auth_user = None
-        self.auth_ready = None      # the password file is usable (checked once)
+        self.auth_ready = None      # the password backend is usable (checked once)
+        self.anvil = None           # masq.anvil.Anvil, opened at the first AUTH
         self.reset()
 
     def reset(self):
@@ -160,6 +170,22 @@ class ServerSession:
                 pass
             self.tls.close()
             self.tls = self.reader.tls = None
+        if self.anvil is not None:
+            self.anvil.close()
+
+    def who(self):
+        """The client for the log and the failure table: its IP, or "local"."""
+        return self.client.ip or "local"
+
+    def log_line(self, text):
+        """One event line, the log opened at the first."""
+        if not log.ready():
+            log.setup(self.conf)
+        log.line(text)
+
+    def command_deadline(self):
+        """Seconds a command line may take from its first byte, or None."""
+        return self.settings["command_deadline"] or None
 
     # -- the dialogue
 
@@ -177,7 +203,8 @@ class ServerSession:
             try:
                 line, self.pending_line = self.pending_line, None
                 if line is None:
-                    line = self.reader.readline(smtp.PARAM_LINE_MAX_BYTES)
+                    line = self.reader.readline(smtp.PARAM_LINE_MAX_BYTES,
+                                                self.command_deadline())
                 verb, arg = smtp.command(line)
                 if len(line) > smtp.COMMAND_LINE_MAX_BYTES and verb not in ("MAIL", "RCPT",
                                                                              "AUTH"):
@@ -230,6 +257,8 @@ class ServerSession:
             raise smtp.ProtocolError(smtp.NEED_HELO)
         if self.sender is not None:
             raise smtp.ProtocolError(smtp.NESTED_MAIL)
+        if self.settings["require_tls"] and self.tls is None and self.client.user is None:
+            raise smtp.ProtocolError(smtp.NEED_TLS)     # a local user's pipes need none
         path, params = smtp.path_and_params(arg, "FROM")
         utf8 = False
         for name, value in params.items():
@@ -295,13 +324,24 @@ class ServerSession:
         self.check_transaction()
         self.reply(smtp.START_DATA)
         program.title(f"masq-smtpd {self.client.ip or 'local'}: DATA")
-        self.reader.timeout = self.settings["data_timeout"]
+        self.start_data()
         stream = smtp.DataStream(self.reader, self.max_size)
         try:
             self.reply(self.deliver(stream))
         finally:
-            self.reader.timeout = self.settings["command_timeout"]
-            self.reset()
+            self.end_data()
+
+    def start_data(self):
+        """The message's limits: data_timeout per read, data_deadline for all of it."""
+        self.reader.timeout = self.settings["data_timeout"]
+        if self.settings["data_deadline"]:
+            self.reader.deadline = time.monotonic() + self.settings["data_deadline"]
+            self.reader.deadline_name = "data"
+
+    def end_data(self):
+        self.reader.timeout = self.settings["command_timeout"]
+        self.reader.deadline = None
+        self.reset()
 
     def check_transaction(self):
         if self.sender is None:
@@ -316,19 +356,19 @@ class ServerSession:
             # the chunk's end is unknown: reading on could take data for commands
             self.reply(smtp.SYNTAX.format("BDAT size [LAST]"))
             return False
+        self.start_data()               # one deadline for the whole run of chunks
         try:
             self.check_transaction()
         except smtp.ProtocolError:
             for _ in self.reader.read_exactly(size):
                 pass
+            self.reader.timeout, self.reader.deadline = self.settings["command_timeout"], None
             raise
-        self.reader.timeout = self.settings["data_timeout"]
         stream = smtp.ChunkStream(self.reader, size, last, self.reply, self.max_size)
         try:
             self.reply(self.deliver(stream))
         finally:
-            self.reader.timeout = self.settings["command_timeout"]
-            self.reset()
+            self.end_data()
 
     def deliver(self, stream):
         """Queue the message from `stream`; the reply that says how it went."""
@@ -363,15 +403,16 @@ class ServerSession:
         stream.drain()              # a $MASQ_QUEUE that stopped reading and said yes
         # no daemon woke (nor one we could tell of, behind $MASQ_QUEUE): deliver
         # now, as sendmail -odb does, not at the next cron queue run
-        if not (queue.woken if qid else queue.trigger()):
+        if not (queue.woken if qid else queue.trigger()) and handoff.may_run_queue(self.conf):
             handoff.background(["-C", self.conf.file, "--once"] + ([qid] if qid else []))
         return smtp.QUEUED.format(qid) if qid else smtp.QUEUED_NO_ID
 
     def adds_missing_headers(self):
         """Date: and Message-ID: for a client we serve as its submission server?"""
         which = self.settings["add_missing_headers"]
-        return which == "all" or (which == "trusted" and (self.client.trusted
-                                                          or self.auth_user is not None))
+        return which == "all" or (which == "trusted" and (
+            self.client.trusted or self.auth_user is not None
+            or self.client.certificate is not None))
 
     def trace(self):
         proto = "utf8smtp" if self.utf8 else "esmtp" if self.esmtp else "smtp"
@@ -380,7 +421,8 @@ class ServerSession:
         if suffix:
             proto = ("esmtp" if proto == "smtp" else proto) + suffix
         trace = {"proto": proto, "client": self.client.ip, "client_name": self.client.name,
-                 "helo": self.helo, "user": self.client.user, "auth": self.auth_user}
+                 "helo": self.helo, "user": self.client.user, "auth": self.auth_user,
+                 "cert": self.client.certificate}
         if len(self.rcpts) == 1:
             trace["for"] = self.rcpts[0]
         return {k: v for k, v in trace.items() if v}
@@ -437,7 +479,8 @@ class ServerSession:
         self.flush()
         import socket               # it imports enum: only STARTTLS pays for it
         sock = socket.socket(fileno=os.dup(0))
-        sock.settimeout(self.settings["command_timeout"])
+        # the whole handshake, as a command: a trickled ClientHello is dropped
+        sock.settimeout(min(self.reader.wait_seconds(), self.command_deadline() or 1e9))
         try:
             tls = context.wrap_socket(sock, server_side=True)
         except (OSError, ValueError) as e:
@@ -449,15 +492,19 @@ class ServerSession:
         # RFC 3207 section 4.2: forget all the client told us before TLS
         self.helo, self.esmtp, self.auth_user = None, False, None
         self.reset()
+        peercert = tls.getpeercert() if self.tls_files[2] else None
+        if peercert:                # CERT_OPTIONAL: only a verified one gets here
+            self.client.certificate = policy.certificate_subject(peercert)
+            self.log_line(f"tls: client={self.who()} cert={self.client.certificate}")
 
     def auth_offered(self):
-        """AUTH goes only over TLS (unless auth_without_tls) and with a usable password file."""
+        """AUTH goes only over TLS (unless auth_without_tls) and with a usable backend."""
         if not (self.tls is not None or self.settings["auth_without_tls"]):
             return False
         if self.auth_ready is None:
             # masq.sasl imports passwords and binascii: a session with no AUTH does not pay
             from masq import sasl
-            why = sasl.unusable(self.password_file())
+            why = sasl.unusable(self.password_file(), self.checkpassword())
             if why:
                 log.warn(f"no AUTH: {why}")
             self.auth_ready = not why
@@ -465,6 +512,11 @@ class ServerSession:
 
     def password_file(self):
         return self.conf.path(self.settings["passwords"], is_value=True)
+
+    def checkpassword(self):
+        """The checkpassword program, or "" for the password file."""
+        path = self.settings["checkpassword"]
+        return self.conf.path(path, is_value=True) if path else ""
 
     def smtp_AUTH(self, arg):
         if not self.auth_offered():
@@ -477,35 +529,83 @@ class ServerSession:
             raise smtp.ProtocolError(smtp.IN_TRANSACTION)
         mechanism, _, initial = arg.strip(" ").partition(" ")
         mechanism = mechanism.upper()
-        from masq import passwords, sasl    # as in auth_offered(), which loaded them
+        from masq import anvil, passwords, sasl     # as in auth_offered(), which loaded them
+        who = self.who()
         try:
-            user = sasl.authenticate(self.password_file(), mechanism, initial,
-                                     self.sasl_response)
+            if self.failures() is not None and self.failures().locked(who):
+                raise anvil.LockedError(who)    # no 334, no check: refused at once
+            user = sasl.authenticate(mechanism, initial, self.sasl_response,
+                                     self.check_password)
         except sasl.SaslError as e:
             replies = {sasl.MechanismError: smtp.AUTH_MECHANISM,
                        sasl.CancelledError: smtp.AUTH_CANCELLED,
                        sasl.Base64Error: smtp.AUTH_BAD_BASE64}
             raise smtp.ProtocolError(replies[type(e)]) from None
-        except passwords.PasswordFileError as e:
+        except anvil.LockedError:
+            self.log_line(f"auth: client={who} refused: locked out after "
+                          f"{self.settings['auth_failures']} failures")
+            raise smtp.ProtocolError(smtp.AUTH_LOCKED) from None
+        except anvil.BusyError as e:
+            log.warn(f"AUTH for {who} refused: {e}")
+            raise smtp.ProtocolError(smtp.AUTH_BUSY) from None
+        except (anvil.AnvilError, passwords.UnavailableError) as e:
             log.warn(f"AUTH impossible: {e}")
             raise smtp.ProtocolError(smtp.AUTH_UNAVAILABLE) from None
-        who = self.client.ip or "a local client"
         if user is None:
             # no user name in the log: a client may have sent its password there
-            log.warn(f"AUTH {mechanism} failed for {who}")
+            log.warn(f"AUTH {mechanism} failed for {self.client.ip or 'a local client'}")
             self.flush()
             time.sleep(AUTH_FAILURE_DELAY_SECONDS)
             raise smtp.ProtocolError(smtp.AUTH_FAILED)
         self.auth_user = user
-        if not log.ready():
-            log.setup(self.conf)
-        log.line(f"auth: client={who} method={mechanism} user={user}")
+        self.log_line(f"auth: client={who} method={mechanism} user={user}")
         self.reply(smtp.AUTH_OK)
+
+    def failures(self):
+        """The failure table shared by the spool's sessions, or None (auth_failures = 0)."""
+        if self.anvil is None and self.settings["auth_failures"]:
+            from masq import anvil
+            self.anvil = anvil.Anvil(self.conf.path("spool"), self.settings["auth_failures"],
+                                     self.settings["auth_failure_window"],
+                                     self.settings["auth_lockout"])
+        return self.anvil
+
+    def check_password(self, user, password):
+        """Is it the user's password?  Counted against the client's address, run in a slot."""
+        from masq import anvil, passwords
+        who, failures = self.who(), self.failures()
+        if failures is not None:
+            failures.reserve(who)       # LockedError: no check runs
+        try:
+            with self.check_slot():
+                program.title(f"masq-smtpd {who}: AUTH")
+                if self.checkpassword():
+                    good = passwords.checkpassword(self.checkpassword(), user, password,
+                                                   f"<{os.getpid()}.{int(time.time())}"
+                                                   f"@{self.host}>")
+                else:
+                    good = passwords.verify(self.password_file(), user, password)
+        except (anvil.AnvilError, passwords.UnavailableError):
+            if failures is not None:
+                failures.cancel(who)    # no answer is no failure
+            raise
+        if good and failures is not None:
+            failures.passed(who)
+        return good
+
+    def check_slot(self):
+        """A slot of auth_max_concurrent, or no limit at 0."""
+        from masq import anvil
+        count = self.settings["auth_max_concurrent"]
+        if not count:
+            import contextlib
+            return contextlib.nullcontext()
+        return anvil.Slot(self.conf.path("spool"), count, AUTH_SLOT_WAIT_SECONDS)
 
     def sasl_response(self, challenge):
         """Send a 334 challenge; the client's answer line as text."""
         self.reply(smtp.AUTH_CHALLENGE.format(challenge))
-        line = self.reader.readline(smtp.AUTH_LINE_MAX_BYTES)
+        line = self.reader.readline(smtp.AUTH_LINE_MAX_BYTES, self.command_deadline())
         if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-1]:
             raise smtp.ProtocolError(smtp.BARE_LINE_END_COMMAND)
         return line[:-2].decode("ascii", "replace").strip(" ")

@@ -1,13 +1,17 @@
 """masq-tcpserver: accept TCP connections and run a program for each one.
 
 Usage:
-  masq-tcpserver [-c LIMIT] [-m MAXUSE] [-1] HOST PORT PROGRAM...
+  masq-tcpserver [-c LIMIT] [-m MAXUSE] [-u USER] [-g GROUP] [-U] [-1] HOST PORT PROGRAM...
   masq-tcpserver -h | --help
 
 Options:
   -c LIMIT   Run at most LIMIT programs at once [default: 40].
   -m MAXUSE  Let a masq-smtpd child serve up to MAXUSE connections, one
              after another, before it exits [default: 1].
+  -u USER    Once listening, become USER (a name or a number).
+  -g GROUP   With -u: become GROUP too (a name or a number; default:
+             USER's group in the passwd file).
+  -U         Take -u and -g from $UID and $GID.
   -1         Print the local port on stdout once listening.
   -h --help  Show this.
 
@@ -19,13 +23,17 @@ PROGRAM is masq-smtpd, its code runs in a forked child of this process
 instead of a fresh Python; with -m, such a child waits (up to IDLE_SECONDS)
 for another connection after each session, as Postfix's max_use lets an
 smtpd process do, saving the fork and exit per connection; each session
-still gets a fresh environment.  SIGTERM stops the listener; sessions finish.
+still gets a fresh environment.  With -u, started as root, it binds the port,
+then drops to USER and GROUP with no supplementary groups, before loading
+PROGRAM or accepting.  SIGTERM stops the listener; sessions finish.
 Exit codes: masq-tcpserver(8).
 """
 import gc
 import getopt
+import grp
 import importlib
 import os
+import pwd
 import select
 import signal
 import socket
@@ -46,8 +54,12 @@ def main(argv=None):
     limit = _positive(args["-c"], "connection limit -c")
     maxuse = _positive(args["-m"], "-m")
     argv = args["PROGRAM"]
-    runner = _in_process(argv)
+    ids = _ids(args["-u"], args["-g"])
     sock = listen(args["HOST"], args["PORT"])
+    if ids is not None:
+        from masq import privilege
+        privilege.become(*ids)
+    runner = _in_process(argv)
     if args["-1"]:
         sys.stdout.write(f"{sock.getsockname()[1]}\n")
         sys.stdout.flush()
@@ -69,19 +81,55 @@ def _positive(text, what):
 def parse(argv):
     """Options as getopt(3) reads them (docopt takes `-1` for a number)."""
     try:
-        opts, rest = getopt.getopt(argv, "c:m:1h", ["help"])
+        opts, rest = getopt.getopt(argv, "c:m:u:g:U1h", ["help"])
     except getopt.GetoptError as e:
         raise Error(f"{e}: see masq-tcpserver --help", code=Exit.USAGE, temporary=False) from None
-    args = {"-c": "40", "-m": "1", "-1": False}
+    args = {"-c": "40", "-m": "1", "-1": False, "-u": None, "-g": None}
     for name, value in opts:
         if name in ("-h", "--help"):
             program.parse(__doc__, ["--help"])
-        args[name] = value if name in ("-c", "-m") else True
+        if name == "-U":            # ucspi-tcp's -U: the ids envuidgid(8) left
+            args["-u"], args["-g"] = os.environ.get("UID"), os.environ.get("GID")
+            if not args["-u"] or not args["-g"]:
+                raise Error("-U needs $UID and $GID: see masq-tcpserver --help",
+                            code=Exit.USAGE, temporary=False)
+        else:
+            args[name] = value if name in ("-c", "-m", "-u", "-g") else True
+    if args["-g"] is not None and args["-u"] is None:
+        raise Error("-g needs -u: see masq-tcpserver --help", code=Exit.USAGE, temporary=False)
     if len(rest) < 3:
         raise Error("need HOST PORT PROGRAM: see masq-tcpserver --help",
                     code=Exit.USAGE, temporary=False)
     args["HOST"], args["PORT"], args["PROGRAM"] = rest[0], rest[1], rest[2:]
     return args
+
+
+def _ids(user, group):
+    """(uid, gid, name) to become from -u and -g, or None; Error 64 for an unknown one."""
+    if user is None:
+        return None
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        pw = None
+        if not user.isdigit():
+            raise Error(f"no user {user} (-u): give an existing user or a number",
+                        code=Exit.USAGE, temporary=False) from None
+    uid = int(user) if user.isdigit() else pw.pw_uid
+    if group is None:
+        if pw is None:
+            raise Error(f"uid {user} has no passwd entry: give its group with -g",
+                        code=Exit.USAGE, temporary=False)
+        gid = pw.pw_gid
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise Error(f"no group {group} (-g): give an existing group or a number",
+                        code=Exit.USAGE, temporary=False) from None
+    return uid, gid, pw.pw_name if pw else f"uid {uid}"
 
 
 def _in_process(argv):
