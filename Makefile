@@ -92,6 +92,8 @@ test: deps compile $(VENV)/.test-deps lint $(MAILX)
 SMTP_SOURCE := $(wildcard $(HOME)/.cache/masq-bench-tools/bin/smtp-source)
 bench: compile
 	$(PY) bench/local_path.py
+	$(PY) bench/idle.py
+	$(PY) bench/auth_refused.py
 	$(PY) bench/sendmail_start.py
 	$(PY) bench/relay.py
 	$(PY) bench/smtp_relay.py
