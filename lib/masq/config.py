@@ -28,6 +28,14 @@ SYSTEM_FILE = "/etc/masq/masq.toml"
 CACHE_VERSION = 2       # 2: the cached data has been checked against the schema
 
 
+def _unreadable(path, error):
+    """The ConfigError for a configuration file that cannot be read."""
+    if isinstance(error, FileNotFoundError):
+        return ConfigError(f"no configuration file {path}: "
+                           "write one with masq-setup or name one with -C")
+    return ConfigError(f"unable to read {path}: {error.strerror}")
+
+
 class ConfigError(Error):
     """The configuration cannot be read or makes no sense.
 
@@ -106,11 +114,8 @@ def parse(path):
         with open(path, "rb") as f:
             text = f.read().decode()
         data = tomllib.loads(text)
-    except FileNotFoundError:
-        raise ConfigError(f"no configuration file {path}: "
-                          f"write one with masq-setup or name one with -C") from None
     except OSError as e:
-        raise ConfigError(f"unable to read {path}: {e.strerror}") from None
+        raise _unreadable(path, e) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: not UTF-8 at byte {e.start}") from None
     except tomllib.TOMLDecodeError as e:
@@ -184,11 +189,8 @@ def _read(path):
     imported: start-up is what the cache is for)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"no configuration file {path}: "
-                          f"write one with masq-setup or name one with -C") from None
     except OSError as e:
-        raise ConfigError(f"unable to read {path}: {e.strerror}") from None
+        raise _unreadable(path, e) from None
     key = (st.st_size, st.st_mtime_ns, st.st_ino, CACHE_VERSION, _schema_stamp())
     folder, base = os.path.split(path)
     cache = os.path.join(folder, f".{base}.cache")
