@@ -116,3 +116,14 @@ def test_a_lock_held_by_a_live_process_defers_after_one_bounded_wait_per_run(mas
     assert masq.queue_ids() == []
     assert delivered(path) == ["hello 0", "hello 1", "hello 2"]
     assert not os.path.lexists(lock)
+
+
+def test_an_mbox_that_is_a_hard_link_is_not_written(masq, box, tmp_path):
+    """From the review: a hard link planted as the mbox took the mail to its other name."""
+    other = tmp_path / "someone-elses-mbox"
+    other.write_bytes(b"")
+    os.link(other, box[0])
+    queue(masq, 1)
+    masq.run(["masq-send", "--once"]).ok()
+    assert other.read_bytes() == b"" and masq.queue_ids()
+    assert "links" in listing(masq)

@@ -185,3 +185,14 @@ def test_one_check_at_a_time_with_auth_max_concurrent_1(auth):
         times = [(w, float(t)) for w, t, *_ in (line.split(" ", 2) for line in f)]
     times.sort(key=lambda x: x[1])
     assert [w for w, _ in times] == ["start", "end"] * 4     # never two at once
+
+
+def test_an_ipv6_client_counts_by_its_64(auth):
+    """From the review: counted per address, a host with a /64 had 2**64 tries."""
+    auth.config("auth_failures = 3")
+    for n in range(3):          # three addresses of one /64, one wrong password each
+        session(auth, f"2001:db8:1:2::{n + 1}", plain("alice", "wrong"))
+    lines, _ = session(auth, "2001:db8:1:2::99", plain("alice", PASSWORD))
+    assert LOCKED in lines and OK not in lines
+    lines, _ = session(auth, "2001:db8:1:3::1", plain("alice", PASSWORD))
+    assert OK in lines           # the next /64 is another client

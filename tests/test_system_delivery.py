@@ -192,3 +192,21 @@ def test_bob_reads_his_mail_and_the_spool_folder_stays_root_mail(sysroot):
     assert owner(sysroot, "/var/mail/alice") == "alice:mail 660"
     assert stat.S_ISREG(os.lstat(sysroot.path("/var/mail/bob")).st_mode)
     assert not os.path.exists(sysroot.path("/var/mail/bob.lock"))
+
+
+def test_a_user_who_stops_his_delivery_holds_the_queue_one_timeout_not_one_a_message(sysroot):
+    """From the review: `|kill -STOP $PPID` in ~/.forward froze every local delivery,
+    mailq and runq for a day per message.  masq-lspawn kills the stopped delivery at
+    local.mda_timeout + 30 s, and masq-send leaves the user's other mail for later."""
+    system(sysroot)
+    sysroot.run(["sed", "-i", "s/^\\[local\\]$/[local]\\nmda_timeout = 1/",
+                 "/etc/masq/masq.toml"]).ok()
+    sysroot.run("printf '%s\\n' '\"|kill -STOP $PPID\"' > ~/.forward", user="alice").ok()
+    for _ in range(3):
+        sysroot.run(["masq-inject", "-f", "someone@example.org", "--", "alice@localhost"],
+                    user="masq", input=MESSAGE).ok()
+    start = time.monotonic()
+    send(sysroot, "bob@localhost")
+    assert time.monotonic() - start < 60         # one timeout (31 s), not three
+    assert mbox_count(sysroot, "bob") == 1
+    assert "ran past local.mda_timeout lately" in log(sysroot)

@@ -276,3 +276,11 @@ def test_secrets_are_readable_by_the_masq_group_only(sysroot):
         assert names(sysroot, path) == ("root", "masq"), path
         assert mode(sysroot, path) == 0o640, path
     assert read(sysroot, "/etc/masq/smarthost.secret") == "s3cret\n"
+    # and the masq group's programs take them (the review: both were refused as 0640)
+    check = ("from masq import clientroute, passwords; "
+             "print(passwords.status('/etc/masq/passwd'), "
+             "clientroute.read_secret('/etc/masq/smarthost.secret'))")
+    r = sysroot.run([os.path.join(BIN, "python"), "-c", check], user="masq").ok()
+    assert r.out == b"None b's3cret'\n", r
+    r = sysroot.run(["cat", "/etc/masq/smarthost.secret"], user="nobody")
+    assert r.rc != 0, r

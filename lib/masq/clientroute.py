@@ -11,7 +11,7 @@ is imported only then.
 """
 import os
 
-from masq import Error, schema
+from masq import Error, passwords, schema
 
 # the [route.NAME] keys: masq.schema; config.load has checked their kinds and words
 KEYS = schema.table_keys("route.*.")
@@ -104,10 +104,9 @@ def read_secret(path):
     except OSError as e:
         raise config_error(f"unable to read password file {path}: {e.strerror}") from None
     try:
-        mode = os.fstat(fd).st_mode & 0o777
-        if mode & 0o077:
-            raise config_error(f"password file {path} is readable by others "
-                               f"(mode {mode:04o}): chmod 600 {path}")
+        problem = passwords.secret_problem(f"password file {path}", os.fstat(fd))
+        if problem:
+            raise config_error(problem)
         with os.fdopen(fd, "rb", closefd=False) as f:
             line = f.readline(MAX_SECRET_BYTES)
     finally:

@@ -28,6 +28,7 @@ from masq import Error, child, local, outcome, program
 CHILD_TIMEOUT_SECONDS = 86400   # masq-local stuck this long is killed (qmail-queue's DEATH);
                                 # each MDA it runs has local.mda_timeout of its own
 MAX_OUTPUT_BYTES = 1 << 20      # its answers: one short line per recipient
+SLOW_USER_SECONDS = 600         # after a delivery as a user was killed late, theirs wait
 
 
 def choose(conf):
@@ -122,15 +123,22 @@ class Spawn:
         """One request: masq-local --targets as user; (letter, text) per pair."""
         from masq import privilege
         fields = [user, msg.id, msg.sender, *(x for pair in pairs for x in pair)]
+        late = self.spawner.slow.get(user)
+        if late is not None and time.monotonic() - late < SLOW_USER_SECONDS:
+            # one user's stopped or endless delivery costs one timeout, not one a message
+            return _all(len(pairs), f"a delivery as {user} ran past local.mda_timeout "
+                                    f"lately; tried again later")
         try:
             fd = copy.fd()
             status, output = self.spawner.ask(
                 [f.encode("utf-8", "surrogateescape") for f in fields], fd,
-                CHILD_TIMEOUT_SECONDS + 60)
+                float(self.conf.get("local.mda_timeout")) + 120)   # masq-lspawn's, and a margin
         except privilege.SpawnError as e:
             return _all(len(pairs), f"{e} (as {user})")
         except OSError as e:
             return _all(len(pairs), f"unable to copy the message for masq-local: {e.strerror}")
+        if status == -9:            # masq-lspawn killed it at its deadline
+            self.spawner.slow[user] = time.monotonic()
         return answers(output, status, len(pairs))
 
 

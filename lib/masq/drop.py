@@ -176,7 +176,10 @@ def take(conf, queue, name):
     except FileNotFoundError:
         return None
     except PermissionError:
-        if stat.S_IMODE(st.st_mode) & 0o040:    # committed, but not for us: keep it
+        if stat.S_IMODE(st.st_mode) & 0o040:    # committed, but not for us
+            if st.st_gid != os.stat(folder(conf)).st_gid:
+                # its owner gave it another group after the commit: set aside
+                raise BadDropError("committed, then given a group masq is not in") from None
             raise spool.SpoolError("committed but not readable by masq-send: "
                                    "is drop/ mode 3733, group masq?") from None
         return _unfinished(path, st)
@@ -291,6 +294,9 @@ def _owner(uid):
         return f"uid {uid}"
 
 
+_unmovable = set()      # names warned of already (a folder a user made there, say)
+
+
 def set_aside(conf, queue, name, why):
     """Move a bad drop file to corrupt/drop-NAME (the rename never follows a link)."""
     target = os.path.join(queue.folder("corrupt"), f"drop-{name}")
@@ -299,6 +305,8 @@ def set_aside(conf, queue, name, why):
     except FileNotFoundError:
         return
     except OSError as e:
-        log.warn(f"drop/{name}: {why}; unable to move it to corrupt/: {e.strerror}")
+        if name not in _unmovable:      # once per process: anyone may wake a rescan
+            _unmovable.add(name)
+            log.warn(f"drop/{name}: {why}; unable to move it to corrupt/: {e.strerror}")
         return
     log.line(f"drop/{name}: {why}: moved to corrupt/drop-{name}")

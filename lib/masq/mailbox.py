@@ -184,8 +184,14 @@ def mbox(path, head, stream, sender, mode=0o600):
         raise DeliveryError(f"unable to open mbox {path}: {e.strerror}") from None
     lock = None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise DeliveryError(f"{path} is not a regular file", temporary=False)
+        # a hard link or another's file planted under the name would take the
+        # mail elsewhere (Postfix local(8) and procmail refuse it too)
+        if st.st_nlink != 1 or (os.geteuid() != 0 and st.st_uid != os.geteuid()):
+            raise DeliveryError(f"{path} has {st.st_nlink} links or is not the owner's "
+                                f"(uid {st.st_uid}): refusing to write into it")
         lock = _lock(fd, path, dfd)
         if isinstance(stream, io.RawIOBase):
             stream = io.BufferedReader(stream, COPY_BYTES)   # readline, not read(1)s

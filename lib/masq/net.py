@@ -92,3 +92,13 @@ def stdio_is_one_socket():
     except OSError:
         return False
     return stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino)
+
+
+def prefix(ip, v6_length):
+    """An IPv4 address as it is; an IPv6 one as its first v6_length bits ("2001:db8::/64")."""
+    addr = parse_ip(ip.removeprefix("IPv6:"))
+    if addr is None or addr[0] == 4:
+        return ip
+    value = addr[1] >> (128 - v6_length) << (128 - v6_length)
+    words = [f"{(value >> (112 - 16 * i)) & 0xffff:x}" for i in range(8)]
+    return ":".join(words) + f"/{v6_length}"

@@ -85,9 +85,22 @@ def status(path):
 def _refusal(path, st):
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
-    if st.st_mode & 0o077:
-        return (f"{path} has mode {st.st_mode & 0o777:04o}: others may read it; "
-                f"chmod 600 it")
+    return secret_problem(path, st)
+
+
+def secret_problem(path, st):
+    """Why a file of secrets is readable by too many, or None (shared with the
+    smarthost password files of clientroute).
+
+    Only its owner may read it, or, in system mode, root's file read by the
+    masq group (root:masq 0640, as masq-setup system writes it).
+    """
+    mode = st.st_mode & 0o777
+    by_group = (mode & 0o077 == 0o040 and st.st_uid == 0
+                and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()))
+    if mode & 0o077 and not by_group:
+        return (f"{path} is readable by others (mode {mode:04o}): chmod 600 it "
+                "(or 640, owned by root and the masq group, in system mode)")
     return None
 
 

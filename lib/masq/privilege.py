@@ -93,6 +93,7 @@ class Spawner:
     def __init__(self, sock, child):
         self.sock, self.child = sock, child
         self.gone = None            # why it cannot be asked any more
+        self.slow = {}              # user -> when a delivery as them was killed late
 
     def ask(self, fields, fd, timeout):
         """Send fields (bytes) and fd; return (masq-local's exit status, its stdout)."""

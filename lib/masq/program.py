@@ -63,6 +63,8 @@ def classify(status, unknown_temporary=True):
         return None, "success"
     if status < 0:
         return True, f"killed by signal {-status}"
+    if 128 < status < 160:      # a shell's report of a child killed by that signal
+        return True, f"killed by signal {status - 128}"
     if status == Exit.PERMANENT:
         return False, "permanent failure"
     if status == Exit.TEMPORARY:

@@ -33,8 +33,8 @@ from masq.program import Exit
 
 MAX_REQUEST_BYTES = 65536       # a user, a queue id, a sender and a few targets
 MAX_OUTPUT_BYTES = 1 << 20      # masq-local's answers: one short line per target
-CHILD_TIMEOUT_SECONDS = 86400   # masq-local stuck this long is killed (qmail's DEATH);
-                                # each program it runs has local.mda_timeout of its own
+MARGIN_SECONDS = 30             # masq-local's own work beside its programs (an mbox
+                                # lock may take mailbox.LOCK_WAIT_SECONDS, 20)
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -61,6 +61,10 @@ class Server:
     def __init__(self, conf, sock):
         self.sock, self.busy, self.stopping = sock, False, False
         self.conf_file = conf.file
+        # a request's deadline: masq-local runs as the user, who may stop it
+        # (kill -STOP) or keep its stdout open: past this its group is killed,
+        # stopped or not, so no user holds masq-send longer than one MDA may run
+        self.timeout = float(conf.get("local.mda_timeout")) + MARGIN_SECONDS
         # masq-local beside this launcher: one installation, never a $PATH search
         self.local = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "masq-local")
         self.mail_gid = None    # the mbox spool's group (Debian's /var/mail is root:mail 2775)
@@ -112,7 +116,7 @@ class Server:
             pw = pwd.getpwnam(name)
         except (KeyError, ValueError):
             return f"!no such user: {name}".encode("utf-8", "surrogateescape")
-        if pw.pw_uid == 0 or pw.pw_gid == 0:
+        if pw.pw_uid == 0 or pw.pw_gid == 0 or 0 in os.getgrouplist(name, pw.pw_gid):
             return f"!refusing to deliver as {name}: uid or gid 0".encode()
         argv = [self.local.encode(), b"--targets", b"--id", fields[1], b"--", *fields[2:]]
         status, output = self.spawn(pw, argv, fd)
@@ -125,12 +129,11 @@ class Server:
         if pid == 0:
             _child(pw, argv, fd, w, self.mail_gid, self.conf_file)
         os.close(w)
-        output, deadline = b"", time.monotonic() + CHILD_TIMEOUT_SECONDS
+        output, deadline = b"", time.monotonic() + self.timeout
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([r], [], [], left)[0]:
-                    os.killpg(pid, signal.SIGKILL)
                     break
                 chunk = os.read(r, 65536)
                 if not chunk:
@@ -138,7 +141,15 @@ class Server:
                 output += chunk[:MAX_OUTPUT_BYTES - len(output)]
         finally:
             os.close(r)
-        _, status = os.waitpid(pid, 0)
+        while True:         # its stdout closed; it may still be stopped: the same deadline
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                os.killpg(pid, signal.SIGKILL)      # SIGKILL ends a stopped process too
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
         return os.waitstatus_to_exitcode(status), output
 
 

@@ -174,8 +174,13 @@ class ServerSession:
             self.anvil.close()
 
     def who(self):
-        """The client for the log and the failure table: its IP, or "local"."""
+        """The client for the log: its IP, or "local"."""
         return self.client.ip or "local"
+
+    def counted_as(self):
+        """The client for the AUTH failure table: an IPv6 client counts by its /64,
+        since one host may hold a whole /64 (RFC 4291): 2**64 addresses, as many tries."""
+        return net.prefix(self.client.ip, 64) if self.client.ip else "local"
 
     def log_line(self, text):
         """One event line, the log opened at the first."""
@@ -532,7 +537,7 @@ class ServerSession:
         from masq import anvil, passwords, sasl     # as in auth_offered(), which loaded them
         who = self.who()
         try:
-            if self.failures() is not None and self.failures().locked(who):
+            if self.failures() is not None and self.failures().locked(self.counted_as()):
                 raise anvil.LockedError(who)    # no 334, no check: refused at once
             user = sasl.authenticate(mechanism, initial, self.sasl_response,
                                      self.check_password)
@@ -573,7 +578,7 @@ class ServerSession:
     def check_password(self, user, password):
         """Is it the user's password?  Counted against the client's address, run in a slot."""
         from masq import anvil, passwords
-        who, failures = self.who(), self.failures()
+        who, failures = self.counted_as(), self.failures()
         if failures is not None:
             failures.reserve(who)       # LockedError: no check runs
         try:
@@ -585,9 +590,11 @@ class ServerSession:
                                                    f"@{self.host}>")
                 else:
                     good = passwords.verify(self.password_file(), user, password)
-        except (anvil.AnvilError, passwords.UnavailableError):
-            if failures is not None:
-                failures.cancel(who)    # no answer is no failure
+        except (anvil.AnvilError, passwords.UnavailableError) as e:
+            # no answer is no failure, except from a checkpassword program: a
+            # guesser must not get free tries from one that crashes or is slow
+            if failures is not None and not isinstance(e, passwords.CheckpasswordError):
+                failures.cancel(who)
             raise
         if good and failures is not None:
             failures.passed(who)
