@@ -2,10 +2,8 @@
 
 deliver() is masq-local's body, called by masq-local(8) for a message on
 its stdin and by masq-send in its own process (single-user mode).  It
-answers (letter, text) per recipient (masq.outcome).  The rules for what a
-local part may be (targets(), mailbox_problem()) are shared with masq-smtpd,
-which applies them at RCPT, so a recipient is refused in the dialogue
-rather than bounced later.
+answers (letter, text) per recipient (masq.outcome).  What a local part
+may name is masq.localpart's rule, which masq-smtpd shares.
 
 System mode (masq.toml `user`, masq-local(8)) splits the same plan in two.
 masq-send, as the masq user, expands the aliases (Plan(system=True)) and
@@ -15,83 +13,24 @@ its owner, an alias's own |command and /file [local] default_privs, the
 default_privs).  Each user's deliveries go in one request to masq-lspawn(8),
 which runs `masq-local --targets` as that user: deliver_targets() here,
 which delivers exactly what it is told and reads the user's ~/.forward.
+
+One module of about 500 lines on purpose: both halves build and answer the
+same Plan (its delivery keys, its per-recipient answers), and reading them
+side by side is how to see that masq-local --targets does exactly what
+masq-send planned, no more.
 """
 import os
 import pwd
 import stat
 import sys
 
-from masq import Error, address, aliases, child, handoff, headers, log, mailbox, program
+from masq import Error, address, aliases, child, handoff, headers, localpart, log, mailbox
+from masq import program
 from masq.envelope import Envelope
 from masq.outcome import DeliveryError
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_FORWARD_BYTES = 65536       # a ~/.forward is a few lines
-
-
-def load_aliases(conf, strict=False):
-    """The aliases file named in the configuration (AliasError when unreadable)."""
-    return aliases.load(conf.path("aliases") or os.devnull, conf.local_domains, strict)
-
-
-def targets(conf, table, name, origins=False):
-    """The final targets of a local part (lower-case): aliases, then +detail.
-
-    origins=True: (target, origin) pairs as aliases.Aliases.expand gives.
-
-    Only the aliases file may name a |command, a /file or an :include:;
-    a local part that is no alias names a mailbox and nothing else, so
-    `"|cmd"@localhost` from a stranger is a (refused) mailbox name, never
-    a command.  Such names come back as Mailbox(name).
-    """
-    alias, mailbox = _resolve(conf, table, name)
-    if alias:
-        return table.expand(alias, origins)
-    return [(Mailbox(mailbox), None)] if origins else [Mailbox(mailbox)]
-
-
-def _resolve(conf, table, name):
-    """(the alias that takes `name`, "") or ("", the mailbox it names); expands nothing.
-
-    A +detail that could not be a path component keeps the whole name, so
-    that the mailbox-name rule refuses it: the detail reaches an MDA as
-    {local} and $LOCAL.
-    """
-    if name in table:
-        return name, ""
-    delimiter = conf.get("local.recipient_delimiter")
-    delimiter = "+" if delimiter is None else delimiter
-    if delimiter and delimiter in name[1:]:
-        base = name[:name.index(delimiter, 1)]
-        if base in table:
-            return base, ""
-        detail = name[len(base):]
-        if "/" not in detail and detail.isprintable() and (
-                conf.get("local.users") != "system" or _passwd(name) is None):
-            return "", base
-    return "", name
-
-
-def mailbox_problem(conf, name):
-    """Why the mailbox `name` cannot take mail, with its status code, or ""."""
-    problem = _unsafe(name)
-    if not problem and conf.get("local.mailbox") == "mbox" and name.endswith(".lock"):
-        problem = "ends in .lock"     # the dot-lock of the mbox NAME: never a mailbox
-    if problem:
-        return f"unusable mailbox name {name!r}: {problem} (5.1.3)"
-    if conf.get("local.users") == "system" and _passwd(name) is None:
-        return f"no such user: {name} (5.1.1)"
-    return ""
-
-
-def recipient_problem(conf, table, local_part):
-    """Why deliver() would refuse this local part at once, or "" (masq-smtpd's RCPT).
-
-    An alias is taken as it is: masq-smtpd never reads :include: files (they
-    are their owners', read as them at delivery).
-    """
-    alias, mailbox = _resolve(conf, table, address.unquote_local(local_part).lower())
-    return "" if alias else mailbox_problem(conf, mailbox)
 
 
 def deliver(conf, sender, recipients, stream_factory, qid=None, spawn=None):
@@ -165,12 +104,12 @@ class Plan:
 
     def _targets(self, name):
         if self._aliases is None:
-            self._aliases = load_aliases(self.conf, strict=self.system)
-        return targets(self.conf, self._aliases, name, origins=True)
+            self._aliases = localpart.load_aliases(self.conf, strict=self.system)
+        return localpart.targets(self.conf, self._aliases, name, origins=True)
 
     def _job(self, target, info, origin=None):
         """The key of the delivery a target needs, made once per distinct key."""
-        what = "local" if isinstance(target, Mailbox) else aliases.kind(target)
+        what = "local" if isinstance(target, localpart.Mailbox) else aliases.kind(target)
         target = str(target)
         if what == "remote":
             try:
@@ -207,10 +146,10 @@ class Plan:
 
     def _system_user(self, name):
         """A user's mailbox in system mode: a passwd user other than root."""
-        problem = mailbox_problem(self.conf, name)
+        problem = localpart.mailbox_problem(self.conf, name)
         if problem:
             raise DeliveryError(problem, temporary=False)
-        pw = _passwd(name)
+        pw = localpart.passwd(name)
         if pw is not None and pw.pw_uid == 0:
             raise DeliveryError(f"masq delivers nothing as root: give {name} an alias "
                                 f"in {self.conf.path('aliases')} (`{name}: USER`)")
@@ -228,10 +167,10 @@ class Plan:
 
     def _mailbox(self, user, info):
         """The key of a local user's mailbox, by [local] mailbox."""
-        problem = mailbox_problem(self.conf, user)
+        problem = localpart.mailbox_problem(self.conf, user)
         if problem:
             raise DeliveryError(problem, temporary=False)
-        pw = _passwd(user)
+        pw = localpart.passwd(user)
         home = pw.pw_dir if pw else self.conf.dir
         info["home"] = home
         kind = self.conf.get("local.mailbox")
@@ -435,7 +374,7 @@ def _mailbox_or_forward(plan, conf, me, info):
     if note:
         log.warn(note)
     if found is None:
-        return [plan._job(Mailbox(me.pw_name), info)]
+        return [plan._job(localpart.Mailbox(me.pw_name), info)]
     wants = []
     for target in found:
         what = aliases.kind(target)
@@ -446,7 +385,7 @@ def _mailbox_or_forward(plan, conf, me, info):
         if what == "local":
             name = address.unquote_local(target.lstrip("\\")).lower()
             if name == me.pw_name:
-                wants.append(plan._job(Mailbox(name), info))
+                wants.append(plan._job(localpart.Mailbox(name), info))
                 continue
             what, target = "remote", f"{name}@{conf.hostname}"
         if what == "include":
@@ -532,34 +471,6 @@ def _normal(rcpt):
     if not sep or local.endswith("\\") or rcpt.endswith('"'):
         return rcpt
     return f"{local}@{domain.lower()}"
-
-
-class Mailbox(str):
-    """A local part that names a mailbox: not an alias target, never a command or file."""
-
-
-def _unsafe(name):
-    """Why a name cannot be a path component (nor an MDA's argument), or ""."""
-    if not name:
-        return "empty"
-    if "/" in name:
-        return "holds a /"
-    if name.startswith("."):
-        return "starts with a dot"
-    if name.startswith("-"):
-        return "starts with a dash (it could pass for an option of the MDA)"
-    if name.startswith(("|", ":", "\\")):
-        return "starts with |, : or a backslash"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "holds a control character"
-    return ""
-
-
-def _passwd(name):
-    try:
-        return pwd.getpwnam(name)
-    except (KeyError, ValueError):
-        return None
 
 
 def _me():

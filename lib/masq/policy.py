@@ -8,7 +8,7 @@ verified against smtpd.tls_client_ca (Client.certificate: its subject,
 from certificate_subject()).  Anyone may send to local_domains and
 relay_domains, but only a client that may relay may use the routing
 characters %!@ in such a local part.  A local recipient must pass
-masq-local's own rule (masq.local.recipient_problem); postmaster always
+masq-local's own rule (masq.localpart.recipient_problem); postmaster always
 passes (RFC 5321 section 4.5.1).
 
 verdict() answers with one of the verdicts below, never with protocol
@@ -96,15 +96,13 @@ class RecipientPolicy:
         """Why masq-local would refuse this local part at once (its own rule), or ""."""
         if address.unquote_local(local_part).lower() == "postmaster":
             return ""
-        # masq.local imports masq.child, signal and enum (5 ms): only a
-        # session that names a local recipient pays for it
-        from masq import local
+        from masq import localpart     # only a session that names a local recipient
         if self.aliases is None:
             try:
-                self.aliases = local.load_aliases(self.conf)
+                self.aliases = localpart.load_aliases(self.conf)
             except Error as e:
                 raise AliasesUnavailableError(f"unable to read the aliases: {e}") from None
-        return local.recipient_problem(self.conf, self.aliases, local_part)
+        return localpart.recipient_problem(self.conf, self.aliases, local_part)
 
 
 def local_user():

@@ -81,7 +81,7 @@ def preload(argv=()):
     The imports a session makes late (see there why), and the configuration
     and TLS context (masq.smtpdconfig.preload).
     """
-    from masq import anvil, handoff, local, sasl  # noqa: F401 -- once, in the listener
+    from masq import anvil, handoff, localpart, sasl  # noqa: F401 -- once, in the listener
     smtpdconfig.preload(argv[1] if len(argv) == 2 and argv[0] == "-C" else None)
 
 
