@@ -392,6 +392,22 @@ def test_setup_direct_and_lan_server(tmp_path):
     assert '"192.168.7.0/24"' in open(lan.conf).read()
 
 
+def test_issue10_direct_refuses_unknown_users_at_rcpt_instead_of_bouncing(tmp_path):
+    direct = setup(tmp_path, "direct", "--hostname", "mx.test.example", name="d")
+    dialogue = (b"EHLO client.example\r\nMAIL FROM:<someone@elsewhere.example>\r\n"
+                b"RCPT TO:<nosuchuser-x7q@mx.test.example>\r\n"
+                b"RCPT TO:<postmaster@mx.test.example>\r\n"
+                b"QUIT\r\n")
+    out = direct.run(["masq-smtpd"], input=dialogue,
+                     env=direct.env(TCPREMOTEIP="203.0.113.5")).ok().out
+    replies = [line for line in out.split(b"\r\n") if line[:1] in (b"2", b"5")]
+    assert replies[-3].startswith(b"550 5.1.1 <nosuchuser-x7q@mx.test.example>"), out
+    assert replies[-2].startswith(b"250 "), out        # an alias still takes mail
+    for profile, args in (("local-only", ()), ("smarthost", ("--relay", "h.example:587"))):
+        text = open(setup(tmp_path, profile, *args, name=profile).conf).read()
+        assert 'users = "any"' in text, profile
+
+
 @pytest.mark.parametrize("args", [
     ["lan-server", "--lan", "0.0.0.0/0"], ["lan-server", "--lan", "8.8.8.0/24"],
     ["lan-server", "--lan", "nonsense"], ["smarthost", "--relay", "nohost"],

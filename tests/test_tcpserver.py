@@ -107,3 +107,71 @@ def test_sigterm_with_m_frees_the_port_while_a_session_goes_on(masq):
             pass
         session.sendall(b"QUIT\r\n")
         assert session.recv(100).startswith(b"221 ")
+
+
+TOO_MANY = b"421 4.7.0 Error: too many connections from your address\r\n"
+
+
+def first_line(port, source="127.0.0.1"):
+    """A connection from `source` and the first line the server says on it."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=20,
+                                    source_address=(source, 0))
+    line = b""
+    while not line.endswith(b"\n"):
+        more = conn.recv(1)
+        if not more:
+            break
+        line += more
+    return conn, line
+
+
+def quit_session(conn):
+    """QUIT, then wait until the server has closed the connection."""
+    conn.sendall(b"QUIT\r\n")
+    while conn.recv(100):
+        pass
+    conn.close()
+
+
+def test_C_refuses_a_client_over_its_limit_and_serves_others(masq):
+    server, port = start(masq, "-c", "50", "-C", "10")
+    held = []
+    try:
+        for n in range(1, 41):
+            conn, line = first_line(port)
+            held.append(conn)
+            if n <= 10:
+                assert line.startswith(b"220 "), (n, line)
+            else:                                       # from the listener, closed at once
+                assert line == TOO_MANY, (n, line)
+                assert conn.recv(100) == b""
+        other, line = first_line(port, "127.0.0.2")
+        held.append(other)
+        assert line.startswith(b"220 "), line
+    finally:
+        for conn in held:
+            conn.close()
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_C_with_m_counts_the_connections_a_child_takes_itself(masq):
+    server, port = start(masq, "-m", "5", "-C", "1")
+    try:
+        for _ in range(8):              # each ends before the next: never one too many
+            conn, line = first_line(port)
+            assert line.startswith(b"220 "), line
+            quit_session(conn)
+        held, line = first_line(port)
+        assert line.startswith(b"220 "), line
+        for _ in range(4):              # the listener or a waiting child takes these
+            extra, line = first_line(port)
+            assert line == TOO_MANY, line
+            extra.close()
+        quit_session(held)
+        conn, line = first_line(port)
+        assert line.startswith(b"220 "), line
+        quit_session(conn)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

@@ -7,7 +7,10 @@ are recorded in the spool before the next attempt is decided (masq-spool(5)
 S5), a recipient deferred for longer than queue.max_age, or waiting for a
 route longer than queue.max_age_offline, fails, the failed ones are bounced
 and the late ones warned about (the reports masq.bounce builds, queued
-here), and the message gets its next due time (backoff()).  A recipient
+here), and the message gets its next due time (backoff()).  A loop or a
+policy failure of mail a stranger sent (quiet_failure()) is not bounced:
+its sender is likely forged, and the bounce would be backscatter; it is
+dropped or held (queue.outside_failures).  A recipient
 waiting for a route gets a `waiting` record, only when its reason changes
 (mailq shows it; masq-spool(5)).  A Report, when the run has one, shows
 each outcome (runq -v) and the run's progress on stderr.
@@ -19,12 +22,14 @@ import io
 import os
 import time
 
-from masq import Error, bounce, deliverer, envelope, handoff, headers, log, program, route
+from masq import Error, bounce, deliverer, envelope, handoff, headers, log, net, program, route
 from masq import outcome, spool
 
 BUSY_RETRY_SECONDS = 60         # a message another process holds is due again after this
 BATCH_MESSAGES = 256            # messages held locked at once while routes deliver them
 BUSY = object()                 # Run.plan(): another process holds the message
+OUTSIDE_PROTOS = ("smtp", "esmtp", "utf8smtp")     # trace proto, with RFC 3848's s and a
+NOT_BOUNCED = "from outside, not bounced"
 
 
 class Plan:
@@ -195,9 +200,14 @@ class Run:
                 # mailq says why it waits; written only when that changes, so that
                 # a run over mail waiting for a route costs no fsync per message
                 waits.append(("waiting", i, reason))
-        answered = {i for _, i, _, _ in final}
+        quiet = {i: how for word, i, text, _ in final
+                 if word == "failed" and (how := quiet_failure(conf, msg, text))}
+        held = [(i, text) for word, i, text, _ in final if quiet.get(i) == "hold"]
+        final = [o for o in final if quiet.get(o[1]) != "hold"]    # pending, in hold/
+        answered = {i for _, i, _, _ in final} | {i for i, _ in held}
         untried = [i for i in msg.pending() if i not in answered and i not in still_waiting]
-        failed = [(msg.recipients[i], text) for word, i, text, _ in final if word == "failed"]
+        failed = [(msg.recipients[i], text) for word, i, text, _ in final
+                  if word == "failed" and i not in quiet]
         to_record = [(word, i, text) for word, i, text, _ in final] + waits
         if failed:
             # the other outcomes first: if the bounce cannot be queued (a full
@@ -209,10 +219,20 @@ class Run:
             self.bounce(msg, failed)
         for word, i, text, relay in final:
             status = {"done": "sent", "failed": "bounced", "deferred": "deferred"}[word]
+            if i in quiet:
+                status, text = "dropped", f"{text}: {NOT_BOUNCED}"
             log.event(msg.id, text, to=f"<{msg.recipients[i]}>", relay=relay,
                       delay=f"{now - msg.arrived:.2f}", status=status)
             if self.report:
                 self.report.outcome(msg, i, status, text, relay)
+        if held:
+            if to_record:
+                msg.record(to_record)
+            why = "; ".join(f"<{msg.recipients[i]}>: {text}" for i, text in held)
+            msg.note_held(f"{why}: {NOT_BOUNCED}")
+            msg.move("hold")
+            log.event(msg.id, f"{why}: {NOT_BOUNCED}", status="hold")
+            return None
         left = [o for o in final if o[0] == "deferred"]
         if not left and not still_waiting and not untried:
             msg.remove()                # every recipient is done or bounced
@@ -337,6 +357,36 @@ def backoff(conf, tries):
     """Seconds to wait after the n-th failed attempt: doubling, capped."""
     return min(conf.get("queue.retry_min") * 2 ** (max(tries, 1) - 1),
                conf.get("queue.retry_max"))
+
+
+def came_from_outside(conf, msg):
+    """Mail a stranger sent: over SMTP, not authenticated, from outside smtpd.relay_nets.
+
+    Read from the spool's trace records (proto, client, auth, user); a local
+    user's `sendmail -bs` has no client address and is not from outside.
+    """
+    trace = msg.trace
+    proto = trace.get("proto", "").lower()
+    if not proto.startswith(OUTSIDE_PROTOS) or proto.endswith("a") or trace.get("auth"):
+        return False
+    client = trace.get("client", "")
+    return bool(client) and not net.in_nets(client, conf.get("smtpd.relay_nets") or [])
+
+
+def quiet_failure(conf, msg, reason):
+    """"drop" or "hold" when this failure must not be bounced, else None.
+
+    A loop (5.4.6) or a policy failure (5.7.x) found after mail from outside
+    was accepted: the sender is likely forged, and a bounce would go to an
+    innocent (backscatter).  queue.outside_failures says what happens instead.
+    """
+    how = conf.get("queue.outside_failures")
+    if how == "bounce":
+        return None
+    code = bounce.status_code(reason, "")
+    if code != "5.4.6" and not code.startswith("5.7."):
+        return None
+    return how if came_from_outside(conf, msg) else None
 
 
 def queue_report(conf, queue, msg, failed, delayed=False):

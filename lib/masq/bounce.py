@@ -2,7 +2,8 @@
 
 A bounce goes from the null sender <> to the original sender, as
 multipart/report with a text part, a message/delivery-status part and the
-original headers (text/rfc822-headers).  A message from <> is never bounced
+original headers (text/rfc822-headers; never the body, and at most
+MAX_RETURNED_HEADER_BYTES of them).  A message from <> is never bounced
 (RFC 5321 section 6.1): its failure is only logged.  A delay warning is the
 same report with `Action: delayed`, sent once when a recipient has failed
 temporarily for queue.warn_after seconds.
@@ -11,6 +12,10 @@ This module only builds the bytes; masq.attempt decides when a report is
 due and queues it.
 """
 from masq import headers, message
+
+# the original's header section only, and only this much of it (Postfix sends
+# headers only): a bounce must not carry a stranger's payload anywhere
+MAX_RETURNED_HEADER_BYTES = 16384
 
 FAILED_TEXT = ("I'm sorry to have to inform you that your message could not",
                "be delivered to one or more recipients. The reasons follow.")
@@ -86,7 +91,7 @@ def build(conf, msg, failed, qid, delayed=False):
 
 
 def original_headers(msg):
-    """The header section of the queued message (headers.scan: bounded)."""
+    """The header section of the queued message, its first MAX_RETURNED_HEADER_BYTES."""
     with msg.open_data() as f:
-        return headers.scan(f).raw()
+        return headers.scan(f, MAX_RETURNED_HEADER_BYTES).raw()
 

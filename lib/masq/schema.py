@@ -66,6 +66,8 @@ KEYS = {
     "queue.warn_after": Key("seconds", 14400, "a delay warning after failing this long; 0: none"),
     "queue.interval": Key("seconds", 600, "the daemon looks at waiting mail this often"),
     "queue.filters": Key("list", [], "commands run on each message before delivery"),
+    "queue.outside_failures": Key("word", "drop", "a loop or policy failure of mail from "
+                                  "outside: not bounced", choices=("drop", "hold", "bounce")),
     "queue.archive_bcc": Key("address", "", "an address that gets a copy of every message"),
     "queue.parallel": Key("integer", 2, "destinations a queue run talks to at once"),
     "queue.hoststat_timeout": Key("seconds", 5, "runq trusts a host's failure this long"),

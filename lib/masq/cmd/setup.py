@@ -83,8 +83,7 @@ max_size = 52428800
 mailbox = "{mailbox}"
 path = "{path}"
 mda = "procmail -d {{user}}"
-users = "any"
-
+{users}
 [online]
 detect = "always"
 """
@@ -143,13 +142,23 @@ max_size = 52428800
 mailbox = "{mailbox}"
 path = "{path}"
 mda = "procmail -d {{user}}"
-users = "system"
-# aliases' own |command and /file targets run as this user
+{users}# aliases' own |command and /file targets run as this user
 default_privs = "nobody"
 
 [online]
 detect = "always"
 """
+
+USERS_ANY = 'users = "any"\n'
+# Mail from outside must be refused at RCPT when nobody would take it: accepted
+# and bounced later, it goes to a forged sender (backscatter).
+USERS_SYSTEM = """\
+# Only users in the passwd file (and the aliases) take mail: mail for anyone
+# else is refused at RCPT, never accepted and bounced later to a sender who
+# may be forged.  "any" takes every local part (for local mail only).
+users = "system"
+"""
+OUTSIDE = ("direct", "lan-server")        # profiles that take mail from other hosts
 
 SYSTEM_MAILBOXES = {"mbox": "/var/mail/{user}", "maildir": "{home}/Maildir/"}
 
@@ -227,7 +236,7 @@ def system(args):
         admin = _admin(args["--admin"])
         aliases = ALIASES.format(user=admin, root=f"root: {admin}\n")
     conf = SYSTEM.format(profile=profile, hostname=hostname, mailbox=mailbox,
-                         path=SYSTEM_MAILBOXES[mailbox]) + extra
+                         path=SYSTEM_MAILBOXES[mailbox], users=USERS_SYSTEM) + extra
     plan = install.Plan(os.path.dirname(os.path.abspath(sys.argv[0])), conf, aliases,
                         secret=password, force=args["--force"], enable=args["--enable"])
     try:
@@ -407,8 +416,9 @@ def write(folder, profile, hostname, mailbox, user, extra=""):
     """Make the folder; keep files a person may have edited."""
     os.makedirs(folder, exist_ok=True)
     path = {"maildir": "mail/{user}/", "mbox": "mail/{user}", "mda": "mail/{user}"}[mailbox]
+    users = USERS_SYSTEM if profile in OUTSIDE else USERS_ANY
     _write_new(os.path.join(folder, "masq.toml"), LOCAL_ONLY.format(
-        profile=profile, hostname=hostname, mailbox=mailbox, path=path) + extra)
+        profile=profile, hostname=hostname, mailbox=mailbox, path=path, users=users) + extra)
     root = f"root: {user}\n" if user != "root" else ""
     _write_new(os.path.join(folder, "aliases"), ALIASES.format(user=user, root=root))
     spool.Spool(os.path.join(folder, "spool")).create()

@@ -1,11 +1,14 @@
 """masq-tcpserver: accept TCP connections and run a program for each one.
 
 Usage:
-  masq-tcpserver [-c LIMIT] [-m MAXUSE] [-u USER] [-g GROUP] [-U] [-1] HOST PORT PROGRAM...
+  masq-tcpserver [-c LIMIT] [-C PERCLIENT] [-m MAXUSE] [-u USER] [-g GROUP] [-U] [-1]
+                 HOST PORT PROGRAM...
   masq-tcpserver -h | --help
 
 Options:
   -c LIMIT   Run at most LIMIT programs at once [default: 40].
+  -C PERCLIENT  Serve at most PERCLIENT connections at once from one
+             client address (IPv6: one /64); refuse more with a 421.
   -m MAXUSE  Let a masq-smtpd child serve up to MAXUSE connections, one
              after another, before it exits [default: 1].
   -u USER    Once listening, become USER (a name or a number).
@@ -23,7 +26,9 @@ PROGRAM is masq-smtpd, its code runs in a forked child of this process
 instead of a fresh Python; with -m, such a child waits (up to IDLE_SECONDS)
 for another connection after each session, as Postfix's max_use lets an
 smtpd process do, saving the fork and exit per connection; each session
-still gets a fresh environment.  With -u, started as root, it binds the port,
+still gets a fresh environment.  A connection beyond -C gets
+`421 4.7.0` from the listener itself (or from the -m child that took it,
+after asking the listener), and is closed.  With -u, started as root, it binds the port,
 then drops to USER and GROUP with no supplementary groups, before loading
 PROGRAM or accepting.  SIGTERM stops the listener; sessions finish.
 Exit codes: masq-tcpserver(8).
@@ -40,19 +45,23 @@ import socket
 import sys
 import time
 
-from masq import Error, program
+from masq import Error, net, program
 from masq.program import Exit
 
 IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd"}
 BACKLOG = 64
 ACCEPT_PAUSE_SECONDS = 0.5      # after accept fails (EMFILE...), listen again after this
 IDLE_SECONDS = 10               # with -m: a child waits this long for its next connection
+ASK_SECONDS = 10                # with -m and -C: a child waits this long for the listener
+V6_PREFIX_BITS = 64             # one IPv6 client: a /64 is one site's, as Postfix counts
+TOO_MANY = b"421 4.7.0 Error: too many connections from your address\r\n"
 
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     limit = _positive(args["-c"], "connection limit -c")
     maxuse = _positive(args["-m"], "-m")
+    per_client = _positive(args["-C"], "-C") if args["-C"] is not None else None
     argv = args["PROGRAM"]
     ids = _ids(args["-u"], args["-g"])
     sock = listen(args["HOST"], args["PORT"])
@@ -63,7 +72,7 @@ def main(argv=None):
     if args["-1"]:
         sys.stdout.write(f"{sock.getsockname()[1]}\n")
         sys.stdout.flush()
-    serve(sock, argv, limit, runner, maxuse)
+    serve(sock, argv, limit, runner, maxuse, per_client)
     return Exit.OK
 
 
@@ -81,10 +90,10 @@ def _positive(text, what):
 def parse(argv):
     """Options as getopt(3) reads them (docopt takes `-1` for a number)."""
     try:
-        opts, rest = getopt.getopt(argv, "c:m:u:g:U1h", ["help"])
+        opts, rest = getopt.getopt(argv, "c:C:m:u:g:U1h", ["help"])
     except getopt.GetoptError as e:
         raise Error(f"{e}: see masq-tcpserver --help", code=Exit.USAGE, temporary=False) from None
-    args = {"-c": "40", "-m": "1", "-1": False, "-u": None, "-g": None}
+    args = {"-c": "40", "-C": None, "-m": "1", "-1": False, "-u": None, "-g": None}
     for name, value in opts:
         if name in ("-h", "--help"):
             program.parse(__doc__, ["--help"])
@@ -94,7 +103,7 @@ def parse(argv):
                 raise Error("-U needs $UID and $GID: see masq-tcpserver --help",
                             code=Exit.USAGE, temporary=False)
         else:
-            args[name] = value if name in ("-c", "-m", "-u", "-g") else True
+            args[name] = value if name in ("-c", "-C", "-m", "-u", "-g") else True
     if args["-g"] is not None and args["-u"] is None:
         raise Error("-g needs -u: see masq-tcpserver --help", code=Exit.USAGE, temporary=False)
     if len(rest) < 3:
@@ -165,7 +174,77 @@ def listen(host, port):
     return sock
 
 
-def serve(sock, argv, limit, runner, maxuse=1):
+class Clients:
+    """Connections per client address (-C): who holds how many, by child pid.
+
+    A child serving one connection holds its count until it is reaped.  A
+    -m child that accepts its own next connection asks first over its
+    channel (a SOCK_SEQPACKET socketpair): "+IP" is answered "y" (counted)
+    or "n" (refuse it), and "-" at the end of each session is answered "k"
+    once the count is down, before the client sees the connection close.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.count = {}         # client key -> connections
+        self.held = {}          # pid -> client key
+        self.channels = {}      # listener's end of a -m child's channel -> pid
+
+    def admits(self, ip):
+        return self.count.get(_client_key(ip), 0) < self.limit
+
+    def take(self, pid, ip):
+        self.release(pid)
+        key = _client_key(ip)
+        self.count[key] = self.count.get(key, 0) + 1
+        self.held[pid] = key
+
+    def release(self, pid):
+        key = self.held.pop(pid, None)
+        if key is not None:
+            self.count[key] -= 1
+            if not self.count[key]:
+                del self.count[key]
+
+    def answer(self, fd):
+        """Answer one question from a child's channel; False at its end."""
+        try:
+            said = os.read(fd, 512)
+        except BlockingIOError:
+            return True
+        except OSError:
+            said = b""
+        if not said:
+            return False
+        pid = self.channels[fd]
+        if said.startswith(b"+"):
+            ip = said[1:].decode("ascii", "replace")
+            if self.admits(ip):
+                self.take(pid, ip)
+                reply = b"y"
+            else:
+                reply = b"n"
+        else:
+            self.release(pid)
+            reply = b"k"
+        try:
+            os.write(fd, reply)
+        except OSError:
+            return False
+        return True
+
+    def forget(self, pid):
+        """A reaped child's count, and its channel: the fds to close."""
+        self.release(pid)
+        return [fd for fd, p in self.channels.items() if p == pid]
+
+
+def _client_key(ip):
+    """What -C counts by: the IPv4 address, or the IPv6 /64."""
+    return net.prefix(ip, V6_PREFIX_BITS)
+
+
+def serve(sock, argv, limit, runner, maxuse=1, per_client=None):
     """Accept until SIGTERM, at most `limit` children at once; reap them."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     # children that serve several connections watch this pipe: at its EOF
@@ -177,6 +256,7 @@ def serve(sock, argv, limit, runner, maxuse=1):
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     children = set()
+    clients = Clients(per_client) if per_client else None
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
     listening = False
@@ -185,7 +265,11 @@ def serve(sock, argv, limit, runner, maxuse=1):
     program.title(f"masq-tcpserver {sock.getsockname()[0]} {sock.getsockname()[1]}")
     resume = 0.0            # after EMFILE: do not accept before this (monotonic)
     while not stop:
-        _reap(children)
+        for pid in _reap(children):
+            for fd in clients.forget(pid) if clients else ():
+                poller.unregister(fd)
+                os.close(fd)
+                del clients.channels[fd]
         want = len(children) < limit and time.monotonic() >= resume
         if want != listening:
             listening = want
@@ -201,6 +285,11 @@ def serve(sock, argv, limit, runner, maxuse=1):
                         pass
                 except BlockingIOError:
                     pass
+            elif clients and fd in clients.channels:
+                if not clients.answer(fd):
+                    poller.unregister(fd)
+                    os.close(fd)
+                    clients.release(clients.channels.pop(fd))
             elif not stop and len(children) < limit:
                 try:
                     conn, _ = sock.accept()
@@ -210,11 +299,30 @@ def serve(sock, argv, limit, runner, maxuse=1):
                     program._say(f"{program.name()}: warning: unable to accept: {e.strerror}")
                     resume = time.monotonic() + ACCEPT_PAUSE_SECONDS   # not a busy loop
                     continue
-                pid = _start(conn, sock, argv, runner,
-                             [fd for fd in (wake_r, wake_w, alive_w) if fd is not None],
-                             alive_r, maxuse)
+                ip = _ip(conn.getpeername()[0]) if clients else None
+                if clients and not clients.admits(ip):
+                    _refuse(conn)
+                    conn.close()
+                    continue
+                mine = theirs = None
+                if clients and alive_r is not None:     # a -m child asks before it serves
+                    mine, theirs = (s.detach() for s in socket.socketpair(
+                        socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                    os.set_blocking(mine, False)
+                close = [fd for fd in (wake_r, wake_w, alive_w, mine) if fd is not None]
+                close += list(clients.channels) if clients else []
+                pid = _start(conn, sock, argv, runner, close, alive_r, maxuse, theirs)
+                if theirs is not None:
+                    os.close(theirs)
                 if pid > 0:
                     children.add(pid)
+                    if clients:
+                        clients.take(pid, ip)
+                    if mine is not None:
+                        clients.channels[mine] = pid
+                        poller.register(mine, select.POLLIN)
+                elif mine is not None:
+                    os.close(mine)
                 conn.close()
     # shutdown, not only close: a -m child holds a copy of this socket, and the
     # port must stop listening now, not when that child's session ends
@@ -223,24 +331,38 @@ def serve(sock, argv, limit, runner, maxuse=1):
     except OSError:
         pass
     sock.close()
-    for fd in (alive_w, alive_r):
+    for fd in (alive_w, alive_r, *(clients.channels if clients else ())):
         if fd is not None:
             os.close(fd)
 
 
 def _reap(children):
+    """The pids of the children that ended, reaped."""
+    ended = []
     while children:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
+            ended += children
             children.clear()
-            return
+            break
         if pid == 0:
-            return
+            break
         children.discard(pid)
+        ended.append(pid)
+    return ended
 
 
-def _start(conn, sock, argv, runner, close, alive=None, maxuse=1):
+def _refuse(conn):
+    """Say 421 to a client over its limit, without waiting on it (-C)."""
+    try:
+        conn.setblocking(False)
+        conn.send(TOO_MANY)
+    except OSError:
+        pass
+
+
+def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None):
     """Fork a child with the connection on fds 0 and 1; return its pid."""
     try:
         pid = os.fork()
@@ -275,6 +397,8 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1):
                 os.environ.update(environ)
                 _place(conn)
                 code = program.run(runner, argv[1:])
+                if channel is not None:
+                    _ask(channel, b"-")     # counted down before the client sees the end
                 # the client sees the end now, not after the kernel has torn
                 # down this process's copy of the listener's memory; /dev/null
                 # keeps fds 0 and 1 taken, so the next accept cannot land there
@@ -282,7 +406,7 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1):
                 _cancel_alarm()
                 if served == maxuse or alive is None:
                     break
-                conn = _next_connection(sock, alive)
+                conn = _next_connection(sock, alive, channel)
                 if conn is None:
                     break
     except BaseException:  # noqa: BLE001 -- a child must never return into the loop
@@ -313,8 +437,22 @@ def _release_connection():
         os.close(null)
 
 
-def _next_connection(sock, alive):
-    """Wait for the next connection on the listening socket; None to stop."""
+def _ask(channel, question):
+    """The listener's one-byte answer on a -m child's channel; b"" if it is gone."""
+    try:
+        os.write(channel, question)
+        ready, _, _ = select.select([channel], [], [], ASK_SECONDS)
+        return os.read(channel, 1) if ready else b""
+    except OSError:
+        return b""
+
+
+def _next_connection(sock, alive, channel=None):
+    """Wait for the next connection on the listening socket; None to stop.
+
+    With a channel (-C), a connection the listener says is one too many
+    from its client gets the 421 and is closed here.
+    """
     deadline_polls = IDLE_SECONDS
     while deadline_polls > 0:
         ready, _, _ = select.select([sock, alive], [], [], 1.0)
@@ -322,12 +460,16 @@ def _next_connection(sock, alive):
             return None             # the listener is gone: stop at once
         if sock in ready:
             try:
-                conn, _ = sock.accept()
-                return conn
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue            # another process took it
             except OSError:
                 return None
+            if channel is not None and _ask(channel, b"+" + _ip(peer[0]).encode()) == b"n":
+                _refuse(conn)
+                conn.close()
+                continue
+            return conn
         deadline_polls -= 1
     return None
 
