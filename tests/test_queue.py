@@ -171,3 +171,15 @@ def test_hold_records_who_held_the_message_and_show_says_it(masq):
     masq.run(["masq-queue", "release", qid]).ok()
     assert "bob@localhost (not picked up by masq-send yet)" in masq.run(
         ["masq-queue", "list"]).ok().out.decode()
+
+
+def test_a_symbolic_link_in_the_queue_is_never_followed(masq, tmp_path):
+    """From the review: root's mailq and masq-queue read a spool masq owns."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"masq-spool 1 0000000000000006\nsecret\nsender a@b\nrcpt c@d\n")
+    os.symlink(secret, os.path.join(masq.spool, "active", "6620aaaaaaaaa-1"))
+    out = masq.run(["masq-queue", "list"]).ok().out.decode()
+    assert "unreadable" in out and "symbolic link" in out and "a@b" not in out, out
+    r = masq.run(["masq-queue", "hold", "6620aaaaaaaaa-1"])
+    assert r.rc != 0 and b"Traceback" not in r.err, r
+    assert secret.read_bytes().endswith(b"rcpt c@d\n")      # nothing appended through it

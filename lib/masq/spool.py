@@ -44,6 +44,7 @@ and its readers, its locks and its check are one contract (masq-spool(5)),
 and keeping them together is what lets the crash states above be read in
 one place.
 """
+import errno
 import fcntl
 import os
 import time
@@ -342,7 +343,13 @@ class Message:
         self._read()
 
     def _read(self):
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "rb", opener=_no_link)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise FormatError(f"{self.path} is a symbolic link, not a message") from None
+        with f:
             head = f.read(HEADER_BYTES)
             if len(head) != HEADER_BYTES or not head.startswith(MAGIC) or head[-1:] != b"\n":
                 raise FormatError(f"{self.path}: not a masq-spool {VERSION} file")
@@ -412,7 +419,7 @@ class Message:
 
     def open_data(self):
         """A binary file object that reads exactly the message's bytes."""
-        f = open(self.path, "rb")
+        f = open(self.path, "rb", opener=_no_link)
         f.seek(HEADER_BYTES)
         return _Limited(f, self.size)
 
@@ -424,7 +431,7 @@ class Message:
         """
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                self._fd = _no_link(self.path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 return False
         try:
@@ -459,7 +466,7 @@ class Message:
         a crash leaves either the old message or the new, whole.  This object
         then holds the lock on the new file.
         """
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb", opener=_no_link) as f:
             f.seek(HEADER_BYTES + self.size)
             records = f.read()
         with NewMessage(self.spool) as new:
@@ -482,7 +489,7 @@ class Message:
 
     def _append(self, data, sync):
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            fd = _no_link(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             try:
                 end = os.lseek(fd, 0, os.SEEK_END)
                 if os.pread(fd, 1, end - 1) != b"\n":
@@ -575,6 +582,12 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _no_link(path, flags):
+    """os.open for a queue file, never through a symbolic link: root's mailq and
+    masq-queue read a spool that masq owns (masq-system(7))."""
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 def is_locked(path):
