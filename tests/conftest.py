@@ -126,6 +126,16 @@ def fresh_bytecode():
     compileall.compile_dir(lib, quiet=1)
 
 
+def reap(proc):
+    """After a test, however it ended: kill the daemon if it still runs, reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
+
+
 def listen_trigger(spool):
     """Open the spool's trigger FIFO for reading, as a masq-send daemon does: with a
     reader there, sendmail -odb and masq-smtpd only wake it and start no queue run."""

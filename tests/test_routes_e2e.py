@@ -12,7 +12,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import BIN, Masq, clean_env, enqueue, listen_trigger, run
+from conftest import BIN, Masq, clean_env, enqueue, listen_trigger, reap, run
 from smtp_helpers import AioServer, Recorder, Sink, authenticator, tls_contexts, top_config
 from test_smtp_client import dns  # noqa: F401 -- the dnsmasq fixture
 
@@ -442,10 +442,7 @@ def test_the_daemon_sends_by_route_over_one_connection(masq, sinks):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        daemon.stderr.close()
+        reap(daemon)
     assert sink.messages == 3 and sink.connections == 1
 
 
@@ -573,7 +570,4 @@ def test_issue9_the_daemon_tries_a_route_that_comes_up_at_once(masq, sinks):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        daemon.stderr.close()
+        reap(daemon)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import BIN, enqueue
+from conftest import BIN, enqueue, reap
 
 MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
 
@@ -138,9 +138,7 @@ def test_daemon_is_woken_by_each_enqueue_and_stops_on_sigterm(masq):
         assert daemon.wait(timeout=20) == 0
         assert "daemon stopped" in masq.log()
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        reap(daemon)
     assert masq.queue_ids() == []
 
 

@@ -11,7 +11,7 @@ is imported only then.
 """
 import os
 
-from masq import Error, passwords, schema
+from masq import Error, net, passwords, schema
 
 # the [route.NAME] keys: masq.schema; config.load has checked their kinds and words
 KEYS = schema.table_keys("route.*.")
@@ -43,7 +43,7 @@ class Route:
                                + ", ".join(f'"{m}"' for m in TLS_MODES))
         self.host, self.port = None, table.get("port")
         if host:
-            self.host, port = split_host(str(host))
+            self.host, port = net.host_port(host)
             self.port = port or self.port
         if self.port is None:
             self.port = 465 if self.tls == "tls" else 25
@@ -84,17 +84,6 @@ class Route:
     @property
     def label(self):
         return f"route {self.name}" if self.name else "direct delivery"
-
-
-def split_host(text):
-    """(host, port or None) from "host", "host:port", "[v6]:port"."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        return host, int(port)
-    return text, None
 
 
 def read_secret(path):

@@ -17,7 +17,7 @@ timeout raises it with `temporary=True`.  `dns_servers` is a list of "ip" or
 
 dnspython (and random) are imported only on the path that needs them.
 """
-from masq import Error
+from masq import Error, net
 
 DNS_LIFETIME_SECONDS = 20       # a whole query, all servers and retries
 
@@ -47,21 +47,9 @@ def resolver(dns_servers=None):
         import dns.nameserver
         res = dns.resolver.Resolver(configure=False)
         res.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
-                           for ip, port in map(parse_server, dns_servers)]
+                           for ip, port in (net.host_port(t, 53) for t in dns_servers)]
     res.lifetime = DNS_LIFETIME_SECONDS
     return res
-
-
-def parse_server(text):
-    """("ip", port) from "ip", "ip:port", "[v6]:port" or a bare IPv6 address."""
-    text = str(text).strip()
-    if text.startswith("["):
-        ip, _, rest = text[1:].partition("]")
-        return ip, int(rest[1:]) if rest.startswith(":") else 53
-    if text.count(":") == 1:
-        ip, _, port = text.partition(":")
-        return ip, int(port)
-    return text, 53
 
 
 def lookup(domain, dns_servers=None):

@@ -102,3 +102,16 @@ def prefix(ip, v6_length):
     value = addr[1] >> (128 - v6_length) << (128 - v6_length)
     words = [f"{(value >> (112 - 16 * i)) & 0xffff:x}" for i in range(8)]
     return ":".join(words) + f"/{v6_length}"
+
+
+def host_port(text, default=None):
+    """(host, port) from "host", "host:port", "[v6]:port" or a bare IPv6 address;
+    the port is `default` where the text names none.  A bad port raises ValueError."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, int(port)
+    return text, default

@@ -12,10 +12,8 @@ this module's state, kept for the life of the process on purpose.
 """
 import os
 
-from masq import Error, config, net, schema
+from masq import Error, config, net
 
-# [smtpd] keys and their defaults: masq.schema (masq.toml(5))
-SETTINGS = {name: key.default for name, key in schema.table_keys("smtpd.").items()}
 TLS_MIN_VERSION = "TLSv1_2"
 
 _preloaded = None                   # (config, file key) read by the listener
@@ -31,8 +29,9 @@ def load(conf_file):
 def read_settings(conf):
     """The [smtpd] table with defaults (config.load checked the kinds); a relay_nets
     entry that is no address or network is a ConfigError."""
-    table = conf.table("smtpd")
-    settings = {key: table.get(key, default) for key, default in SETTINGS.items()}
+    # the keys and defaults are masq.schema's, which the configuration carries
+    # (from its cache): a session does not import the schema
+    settings = {key[6:]: conf.get(key) for key in conf.defaults if key.startswith("smtpd.")}
     for network in settings["relay_nets"]:
         base, _, length = str(network).partition("/")
         address = net.parse_ip(base)

@@ -44,7 +44,7 @@ import os
 import pwd
 import sys
 
-from masq import Error, cleanup, config, drop, handoff, headers, program, spool
+from masq import Error, cleanup, config, handoff, headers, program, spool
 from masq.envelope import Envelope
 from masq.program import Exit
 
@@ -232,6 +232,7 @@ def submit(conf, opts):
     masq_uid = _system_uid(conf)
     if masq_uid is not None and os.geteuid() != masq_uid:
         # system mode: only masq writes the spool; the drop file's owner says who we are
+        from masq import drop       # only system mode's submissions load it
         name = drop.write(conf, cleanup.Body(head, source), Envelope(sender, recipients))
         if opts.verbose:
             program._say(f"{program.name()}: drop/{name}: left for masq-send, from <{sender}> "
