@@ -1,10 +1,14 @@
 # masq: `make run` starts the queue runner on a folder under ./var;
 # `make test` installs what the tests need and runs them (with ruff and mandoc).
-PYTHON ?= python3
+# Debian's python3 (built with PGO and LTO) runs masq about a fifth faster than a
+# python built by hand (bench/README.md): used when it is 3.11 or newer and can make a
+# venv (python3-venv), else the first python3 on PATH.  Evaluated when .venv is made.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+  2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
-DEBS := mandoc procmail ucspi-tcp swaks socat dnsmasq-base systemd openssl libbsd0 liblockfile1
+DEBS := python3-venv mandoc procmail ucspi-tcp swaks socat dnsmasq-base systemd openssl libbsd0 liblockfile1 spamd spamassassin spamc dovecot-lmtpd opendkim-tools iproute2 dovecot-pop3d
 
 .PHONY: run test lint deps install install-system compile clean bench
 
@@ -97,10 +101,16 @@ bench: compile
 	$(PY) bench/sendmail_start.py
 	$(PY) bench/relay.py
 	$(PY) bench/smtp_relay.py
+	$(PY) bench/greylist.py
+	$(PY) bench/dkim_sign.py
+	$(PY) bench/pipe_lmtp.py
+	$(PY) bench/qmtp_large.py
 	$(PY) bench/smtpd_load.py --messages 10000 --pipelined 2000 --size 4096 \
 	  $(if $(SMTP_SOURCE),--smtp-source $(SMTP_SOURCE))
 	$(PY) bench/smtpd_load.py --maxuse 100 --messages 10000 --pipelined 2000 --size 4096 \
 	  $(if $(SMTP_SOURCE),--smtp-source $(SMTP_SOURCE))
+	$(if $(SMTP_SOURCE),$(PY) bench/side_by_side.py --rounds 3 .)
+	$(if $(SMTP_SOURCE),$(PY) bench/fsync_count.py)
 
 clean:
 	rm -rf $(VENV) build lib/*.egg-info

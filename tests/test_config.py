@@ -99,6 +99,8 @@ def sample(name, key):
         return '{ user = "me", password_file = "isp.secret" }'
     if name == "route.*.rewrite_sender":
         return '{ "*@laptop.example.org" = "me@isp.example" }'
+    if name == "route.*.fetch":
+        return '[{ server = "pop.isp.example", user = "me", password_file = "pop.secret" }]'
     return toml(SAMPLES.get(key.kind, "x"))
 
 
@@ -107,7 +109,9 @@ def test_every_key_of_the_man_page_is_accepted(masq):
     for names, _, _ in man_entries():
         for name in names:
             table, _, key = name.rpartition(".")
-            tables.setdefault(table.replace("route.*", "route.isp"), []).append(
+            # a route that pipes has no host or wrapper (masq.pipe): one of its own
+            route = "route.gateway" if key.startswith("pipe") else "route.isp"
+            tables.setdefault(table.replace("route.*", route), []).append(
                 f"{key} = {sample(name, schema.KEYS[name])}")
     text = "\n".join(tables.pop(""))
     text += "".join(f"\n[{t}]\n" + "\n".join(lines) for t, lines in tables.items())
@@ -297,3 +301,15 @@ def test_issue9_the_cache_is_written_with_the_files_mode(masq, mode, expected):
     st = os.stat(cache_of(masq))
     assert stat.S_IMODE(st.st_mode) == expected
     assert (st.st_uid, st.st_gid) == (os.stat(masq.conf).st_uid, os.stat(masq.conf).st_gid)
+
+
+@pytest.mark.parametrize("args", [
+    ["local-only", "--hostname", 'x"\n[route.evil]\nalways = true\n#'],
+    ["smarthost", "--relay", "127.0.0.1:25", "--user", "a\n[route.evil]"],
+], ids=["hostname", "user"])
+def test_setup_refuses_a_name_that_would_write_toml_of_its_own(tmp_path, args):
+    from conftest import BIN, run
+    folder = str(tmp_path / "m")
+    r = run([os.path.join(BIN, "masq-setup"), args[0], folder, *args[1:]], input=b"secret\n")
+    assert r.rc == 64 and b"Traceback" not in r.err, r
+    assert not os.path.exists(os.path.join(folder, "masq.toml"))

@@ -1,7 +1,8 @@
 """The chain's shape in the imports: program bodies (masq.cmd) are leaves.
 
 Only a program's launcher in bin/ and the documented in-process runners
-import a program body: masq-tcpserver forks a loaded masq-smtpd, and
+import a program body: masq-tcpserver forks a loaded masq-smtpd or
+masq-qmtpd, and
 masq-inject (sendmail) runs the main() of masq-send, masq-queue, masq-route
 and masq-smtpd for its other names and -odi/-odb (masq-inject(8)).
 """
@@ -11,7 +12,7 @@ import os
 import pytest
 
 LIB = os.path.join(os.path.dirname(__file__), "..", "lib", "masq")
-RUNNERS = {"tcpserver.py": {"smtpd"}, "inject.py": {"send", "queue", "route", "smtpd"}}
+RUNNERS = {"tcpserver.py": {"smtpd", "qmtpd"}, "inject.py": {"send", "queue", "route", "smtpd"}}
 
 
 def modules(folder):

@@ -4,6 +4,7 @@ Each test runs the links in a folder made by masq-setup and checks the exit
 code and what is (or is not) left in the spool.
 """
 import os
+import pwd
 import resource
 import time
 
@@ -403,6 +404,12 @@ def test_rmail_drops_the_uucp_from_line_and_keeps_dots(masq):
     assert "sender alice@uuhost" in meta
     assert after_added(data) == b"Subject: u\n\n.\nx\n"
     assert b"From alice" not in data
+
+
+def test_rmail_without_a_from_line_or_f_sends_as_the_caller(masq):
+    sendmail(masq, ["-odq", "bob@localhost"], b"Subject: u\n\nx\n", name="rmail").ok()
+    meta, _ = queued(masq)
+    assert f"sender {pwd.getpwuid(os.getuid()).pw_name}@" in meta, meta
 
 
 def test_mailrm_removes_messages(masq):

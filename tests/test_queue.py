@@ -83,6 +83,17 @@ def test_check_repair_writes_a_missing_version_and_reports_what_it_cannot_mend(m
     masq.run(["masq-queue", "check"]).ok()
 
 
+def test_check_knows_the_stores_masq_keeps_in_the_spool(masq):
+    for name in ("hoststat.db", "anvil.db", "anvil.db-wal", "greylist.db", "greylist.db-shm"):
+        open(os.path.join(masq.spool, name), "w").close()
+    for name in ("oauth", "fetch", "auth-slots"):
+        os.mkdir(os.path.join(masq.spool, name))
+    masq.run(["masq-queue", "check"]).ok()
+    open(os.path.join(masq.spool, "greylist.db-x"), "w").close()
+    r = masq.run(["masq-queue", "check"])
+    assert r.rc == 65 and b"greylist.db-x: not part" in r.out, r
+
+
 def test_lock_is_refused_for_a_message_moved_or_removed_after_listing(masq):
     from masq import spool
     enqueue(masq, b"Subject: x\n\nhello\n", "a@example.org", ["bob@localhost"]).ok()

@@ -272,12 +272,12 @@ def test_sigterm_stops_listening_and_lets_sessions_finish(masq):
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
 def test_systemd_units_verify(tmp_path):
     units = os.path.join(os.path.dirname(__file__), "..", "etc", "systemd")
-    for name in ("masq-smtpd.socket", "masq-smtpd@.service"):
+    for name in ("masq-smtpd.socket", "masq-smtpd.service"):
         with open(os.path.join(units, name)) as f:
-            text = f.read().replace("/usr/bin/masq-smtpd", os.path.join(BIN, "masq-smtpd"))
-        (tmp_path / name).write_text(text.replace("Documentation=man:masq-smtpd(8)\n", ""))
+            text = f.read().replace("/usr/bin/", BIN + "/")
+        (tmp_path / name).write_text(text.replace("Documentation=man:masq-tcpserver(8)\n", ""))
     r = run(["systemd-analyze", "verify", str(tmp_path / "masq-smtpd.socket"),
-             str(tmp_path / "masq-smtpd@.service")])
+             str(tmp_path / "masq-smtpd.service")])
     assert r.rc == 0 and r.err.strip() == b"", r
 
 

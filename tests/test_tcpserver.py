@@ -1,9 +1,13 @@
 """masq-tcpserver under file-descriptor exhaustion: it pauses, never spins."""
 import os
 import resource
+import shutil
+import smtplib
 import socket
 import subprocess
 import time
+
+import pytest
 
 from conftest import BIN
 
@@ -16,7 +20,8 @@ def cpu_seconds(pid):
 
 def test_emfile_on_accept_pauses_instead_of_spinning(masq):
     def few_fds():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (6, 6))   # 0-5 in use: accept fails
+        # 0-9 in use (stdio, the socket, the wake-up, alive and status pipes): accept fails
+        resource.setrlimit(resource.RLIMIT_NOFILE, (10, 10))
     server = subprocess.Popen([os.path.join(BIN, "masq-tcpserver"), "-1", "127.0.0.1", "0",
                                os.path.join(BIN, "masq-smtpd")], env=masq.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -69,8 +74,8 @@ def test_with_m_one_child_serves_several_connections_in_turn(masq, daemon_listen
     assert sorted(masq.queue_ids()) == sorted(ids)
 
 
-def test_without_m_every_connection_has_its_own_process(masq):
-    server, port = start(masq)
+def test_with_m_1_every_connection_has_its_own_process(masq):
+    server, port = start(masq, "-m", "1")
     try:
         ids = [send_one(port, n) for n in range(3)]
     finally:
@@ -175,3 +180,74 @@ def test_C_with_m_counts_the_connections_a_child_takes_itself(masq):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_by_default_children_serve_many_connections_and_a_spare_waits(masq, daemon_listens):
+    server, port = start(masq)
+    try:
+        ids = [send_one(port, n) for n in range(12)]
+        # the first connection's child, and the spare forked when it took it:
+        # the children waiting take every later one, the listener forks no more
+        pids = {qid.split("-")[1] for qid in ids}
+        assert len(pids) <= 3, ids
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            children = f.read().split()
+        assert 1 <= len(children) <= 3, children
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert sorted(masq.queue_ids()) == sorted(ids)
+
+
+def test_a_session_served_after_another_starts_afresh(masq, daemon_listens):
+    # -c 1: one child, so the same process serves every session in turn
+    server, port = start(masq, "-c", "1")
+    try:
+        conn, line = first_line(port)
+        conn.sendall(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n") or b"\r\n250 2.1.0" not in b"\r\n" + reply:
+            reply += conn.recv(4096)
+        conn.close()                            # gone in the middle of a transaction
+        first = send_one(port, 0)
+        conn, line = first_line(port)
+        assert line.startswith(b"220 ")
+        conn.sendall(b"MAIL FROM:<a@client.example>\r\n")
+        assert conn.recv(4096).startswith(b"503 ")     # no HELO in this session
+        quit_session(conn)
+        second = send_one(port, 1)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert first.split("-")[1] == second.split("-")[1]     # one process served them all
+    assert sorted(masq.queue_ids()) == sorted([first, second])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
+                    reason="no systemd-socket-activate")
+def test_a_socket_systemd_passes_is_served_and_host_port_not_bound(masq, daemon_listens):
+    with socket.socket() as s:                  # a free port for systemd's socket
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Accept=no, as masq-smtpd.socket: the listening socket is masq-tcpserver's fd 3
+    server = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+                               "-E", f"MASQ_CONF={masq.env()['MASQ_CONF']}",
+                               os.path.join(BIN, "masq-tcpserver"), "127.0.0.1", str(port),
+                               os.path.join(BIN, "masq-smtpd")], env=masq.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ids = [send_one(port, n) for n in range(3)]
+                break
+            except (ConnectionRefusedError, smtplib.SMTPServerDisconnected):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert sorted(masq.queue_ids()) == sorted(ids)
+    # binding HOST PORT itself would have failed: systemd holds that port
+    assert b"unable to bind" not in server.stderr.read()

@@ -64,11 +64,13 @@ def check_local(local, address=None):
             raise AddressError(f"{address}: unterminated quoted local part")
         escaped = False
         for c in local[1:-1]:
-            if escaped:
+            if escaped:         # quoted-pairSMTP: %d92 %d32-126, nothing else
+                if not " " <= c <= "~":
+                    raise AddressError(f"{address}: bad character in quoted local part")
                 escaped = False
             elif c == "\\":
                 escaped = True
-            elif c == '"' or (ord(c) < 32 or ord(c) == 127):
+            elif c == '"' or _control(c):
                 raise AddressError(f"{address}: bad character in quoted local part")
         if escaped:
             raise AddressError(f"{address}: quoted local part ends in a backslash")
@@ -78,7 +80,7 @@ def check_local(local, address=None):
             raise AddressError(f"{address}: empty atom in local part (two dots, "
                                "or a dot at an end)")
         for c in atom:
-            if c not in ATEXT and ord(c) < 128:
+            if (c not in ATEXT and ord(c) < 128) or _control(c):
                 raise AddressError(f"{address}: character {c!r} not allowed in a local part")
 
 
@@ -97,8 +99,13 @@ def check_domain(domain, address=None):
         if label.startswith("-") or label.endswith("-"):
             raise AddressError(f"{address}: domain label starts or ends with '-'")
         for c in label:
-            if c not in LABEL and ord(c) < 128:
+            if (c not in LABEL and ord(c) < 128) or _control(c):
                 raise AddressError(f"{address}: character {c!r} not allowed in a domain")
+
+
+def _control(c):
+    """A C0 or C1 control or DEL (RFC 6531's UTF8-non-ascii is text, these are not)."""
+    return ord(c) < 32 or 127 <= ord(c) < 160
 
 
 def _is_literal(text):

@@ -73,17 +73,9 @@ class Anvil:
     def _open(self):
         if self.db is None:
             import sqlite3
+            from masq import sqlstore   # both: only a session that needs it
             try:
-                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
-                                     isolation_level=None)
-                try:
-                    db.execute("PRAGMA journal_mode = WAL")
-                    db.execute("PRAGMA synchronous = NORMAL")   # advice, not mail: no fsync
-                    for statement in SCHEMA:
-                        db.execute(statement)
-                except BaseException:
-                    db.close()
-                    raise
+                db = sqlstore.connect(self.path, SCHEMA, BUSY_TIMEOUT_SECONDS)
             except sqlite3.Error as e:
                 raise AnvilError(f"unable to open {self.path}: {e}; it holds no mail: "
                                  "remove it if it is damaged") from None

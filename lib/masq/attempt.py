@@ -28,7 +28,7 @@ from masq import outcome, spool
 BUSY_RETRY_SECONDS = 60         # a message another process holds is due again after this
 BATCH_MESSAGES = 256            # messages held locked at once while routes deliver them
 BUSY = object()                 # Run.plan(): another process holds the message
-OUTSIDE_PROTOS = ("smtp", "esmtp", "utf8smtp")     # trace proto, with RFC 3848's s and a
+OUTSIDE_PROTOS = ("smtp", "esmtp", "utf8smtp", "qmtp")  # trace proto, RFC 3848's s and a
 NOT_BOUNCED = "from outside, not bounced"
 
 
@@ -362,12 +362,15 @@ def backoff(conf, tries):
 def came_from_outside(conf, msg):
     """Mail a stranger sent: over SMTP, not authenticated, from outside smtpd.relay_nets.
 
-    Read from the spool's trace records (proto, client, auth, user); a local
-    user's `sendmail -bs` has no client address and is not from outside.
+    Read from the spool's trace records (proto, client, auth, trusted); a
+    local user's `sendmail -bs` has no client address and is not from
+    outside, nor is a client that masq-smtpd let relay for its verified
+    tls_client_ca certificate or for RELAYCLIENT (trusted).
     """
     trace = msg.trace
     proto = trace.get("proto", "").lower()
-    if not proto.startswith(OUTSIDE_PROTOS) or proto.endswith("a") or trace.get("auth"):
+    if (not proto.startswith(OUTSIDE_PROTOS) or proto.endswith("a") or trace.get("auth")
+            or trace.get("trusted")):
         return False
     client = trace.get("client", "")
     return bool(client) and not net.in_nets(client, conf.get("smtpd.relay_nets") or [])

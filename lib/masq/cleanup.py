@@ -163,10 +163,9 @@ def strip_uucp_from(source, explicit, hostname):
         line = raw.readline(65536)
         words = line.decode("utf-8", "surrogateescape").split()
         if found is None and len(words) > 1:
-            user = words[1]
-            if "@" not in user and len(words) > 4 and words[-3:-1] == ["remote", "from"]:
-                user = f"{user}@{words[-1]}"
-            found = user
+            found = words[1]
+            if "@" not in found and len(words) > 4 and words[-3:-1] == ["remote", "from"]:
+                found = f"{found}@{words[-1]}"
     if found is None:
         login, _ = user()
         return f"{login}@{hostname}"

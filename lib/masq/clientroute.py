@@ -20,6 +20,7 @@ TLS_MODES = KEYS["tls"].choices
 DEFAULT_TIMEOUTS = {name: key.default for name, key in KEYS.items()
                     if name.endswith("_timeout")}
 MECHANISMS = tuple(KEYS["auth_mechanisms"].default)     # our preference, best first
+TOKEN_MECHANISMS = tuple(m.upper() for m in KEYS["auth"].members["mechanism"].choices)
 MAX_SECRET_BYTES = 4096
 
 
@@ -58,7 +59,15 @@ class Route:
             if table.get("tls_ca_file") else None
         self.protocol = (table.get("protocol") or KEYS["protocol"].default).lower()
         if self.protocol not in PROTOCOLS:
-            raise config_error(f'{conf.file}: {where}: protocol must be "smtp" or "lmtp"')
+            raise config_error(f"{conf.file}: {where}: protocol must be one of "
+                               + ", ".join(f'"{p}"' for p in PROTOCOLS))
+        if self.protocol == "qmtp":         # QMTP has no TLS and no AUTH; port 209
+            if table.get("tls") not in (None, "none") or table.get("auth"):
+                raise config_error(f'{conf.file}: {where}: protocol = "qmtp" takes no tls '
+                                   'and no auth (QMTP has neither): use a wrapper for TLS')
+            self.tls, self.verify = "none", False
+            if not table.get("port") and not (host and net.host_port(host)[1]):
+                self.port = 209
         self.helo = table.get("helo") or conf.hostname
         self.allow_auth_without_tls = bool(table.get("allow_auth_without_tls",
                                                      KEYS["allow_auth_without_tls"].default))
@@ -70,16 +79,35 @@ class Route:
         if not isinstance(self.connect_error_fail, bool):
             raise config_error(f"{conf.file}: {where}: connect_error_fail must be true or false")
         self.user = self.secret = None
+        # OAuth 2.0 (masq.oauth): the token a command prints, cached in the spool
+        self.mechanism = self.token_command = self.token_cache = self.token_cwd = None
         auth = table.get("auth")
         if auth:
-            if not isinstance(auth, dict) or not auth.get("user") \
-                    or not auth.get("password_file"):
-                raise config_error(f"{conf.file}: {where}: auth needs user and password_file")
+            mechanism = auth.get("mechanism") if isinstance(auth, dict) else None
+            if not isinstance(auth, dict) or not auth.get("user") or not (
+                    auth.get("token_command") if mechanism else auth.get("password_file")):
+                raise config_error(f"{conf.file}: {where}: auth needs user and "
+                                   + ("token_command" if mechanism else "password_file"))
             if not self.host and not self.wrapper:
                 raise config_error(f"{conf.file}: {where}: auth needs a host or a wrapper: "
                                    "the password would go to every recipient's MX")
             self.user = str(auth["user"])
-            self.secret = read_secret(conf.path(auth["password_file"], is_value=True))
+            if mechanism:
+                if str(mechanism).upper() not in TOKEN_MECHANISMS or auth.get("password_file"):
+                    raise config_error(f"{conf.file}: {where}: auth mechanism must be "
+                                       '"xoauth2" or "oauthbearer", with token_command '
+                                       "and without password_file")
+                from masq import oauth
+                self.mechanism = str(mechanism).upper()
+                self.token_command = str(auth["token_command"])
+                self.token_cache = oauth.cache_path(conf.path("spool"), name)
+                self.token_cwd = conf.dir
+            else:
+                self.secret = read_secret(conf.path(auth["password_file"], is_value=True))
+        self.dkim = None            # a masq.dkim.Signer when the route signs
+        if table.get("dkim_key"):
+            from masq import dkim   # only for a route that signs
+            self.dkim = dkim.Signer(conf, table, where)
 
     @property
     def label(self):

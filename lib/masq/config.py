@@ -132,21 +132,26 @@ def _key_lines(text):
     """{names: line number} of each table header and key of a TOML text.
 
     tomllib gives no positions, so this scans the lines: a header `[a.b]`
-    (or `[[a.b]]`) is the table that follows, and `key =` or `a."b".c =`
-    adds its names to the table's; the first line of each path counts.  It
+    is the table that follows (the Nth `[[a.b]]`: the table a.b.N-1, as
+    masq.schema names an entry), and `key =` or `a."b".c =` adds its names
+    to the table's; the first line of each path counts.  It
     does not follow multi-line strings and arrays: a line inside one that
     looks like `name =` could be taken for a key.
     """
     import re           # only when the file has a problem
     name = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
     key = re.compile(rf"\s*({name}(?:\s*\.\s*{name})*)\s*=")
-    header = re.compile(rf"\s*\[\[?\s*({name}(?:\s*\.\s*{name})*)\s*\]")
-    lines, table = {}, ()
+    header = re.compile(rf"\s*(\[\[?)\s*({name}(?:\s*\.\s*{name})*)\s*\]")
+    lines, table, counts = {}, (), {}
     for number, line in enumerate(text.splitlines(), 1):
         m = header.match(line)
         if m:
-            table = _names(m.group(1))
+            table = _names(m.group(2))
             lines.setdefault(table, number)
+            if m.group(1) == "[[":      # an array of tables: its entries are 0, 1, ...
+                counts[table] = counts.get(table, -1) + 1
+                table += (counts[table],)
+                lines.setdefault(table, number)
             continue
         m = key.match(line)
         if m:

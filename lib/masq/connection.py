@@ -1,6 +1,7 @@
 """The client's byte stream to the next hop: TCP, or a socketpair to a wrapper.
 
 `tcp(address, port, peer, timeout)` connects with TCP_NODELAY;
+`unix(path, peer, timeout)` connects to a Unix socket;
 `wrapper(command, peer)` runs `/bin/sh -c command` with its stdin and stdout
 on the other end of a socketpair and its stderr in a temporary file, whose
 last line is quoted in errors.  Either gives a Connection: `write(data,
@@ -134,6 +135,22 @@ def tcp(address, port, peer, timeout):
         sock.close()
         raise ConnectFailed(f"connect to {peer}:{port}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Connection(sock, peer)
+
+
+def unix(path, peer, timeout):
+    """A connection to a Unix stream socket (an LMTP server's, as Dovecot's)."""
+    import socket       # as in tcp()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except TimeoutError:
+        sock.close()
+        raise ConnectFailed(f"connect to {peer}: timeout after {timeout:g} s") from None
+    except OSError as e:
+        sock.close()
+        raise ConnectFailed(f"connect to {peer}: {e.strerror or e}") from None
     return Connection(sock, peer)
 
 

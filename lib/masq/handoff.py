@@ -14,13 +14,13 @@ background() starts the delivery of what was queued, as sendmail -odb does.
 import os
 import time
 
-from masq import Error, child, log, message, program, spool
+from masq import Error, log, message, program, spool
 from masq.program import Exit
 
 TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
              "client_name": "MASQ_CLIENT_NAME", "helo": "MASQ_HELO",
              "auth": "MASQ_AUTH", "user": "MASQ_USER", "for": "MASQ_FOR",
-             "add": "MASQ_ADD_HEADERS", "cert": "MASQ_CERT"}
+             "add": "MASQ_ADD_HEADERS", "cert": "MASQ_CERT", "trusted": "MASQ_TRUSTED"}
 
 
 def enqueue(conf, stream, env, trace, queue=None):
@@ -84,6 +84,8 @@ def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
     """
     import subprocess   # as in masq.child: only a $MASQ_QUEUE hook pays for these
     import tempfile
+
+    from masq import child
     environ = dict(os.environ)
     for word, var in TRACE_ENV.items():
         environ.pop(var, None)

@@ -13,7 +13,7 @@ The layout (system-mode.md; masq-setup(8) has the same table):
     /var/mail                   root:mail  2775  Debian's; made only when absent
     /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq,
     /usr/bin/newaliases, /usr/bin/runq       links to masq-inject
-    /etc/systemd/system/masq-send.service, masq-smtpd.socket, masq-smtpd@.service
+    /etc/systemd/system/masq-send.service, masq-smtpd.socket, masq-smtpd.service
 
 The manifest, /var/lib/masq/install.json, lists every change in the order
 it was made: {"version": 1, "made_lib": bool, "steps": [...]}, each step
@@ -95,48 +95,44 @@ WantedBy=multi-user.target
 """
 
 SMTPD_SOCKET = """\
-# masq-smtpd: one masq-smtpd process per SMTP connection (inetd style), with
-# masq-smtpd@.service.  Written by masq-setup system; enable with
+# masq-smtpd: the SMTP port, handed to masq-smtpd.service (masq-tcpserver,
+# whose masq-smtpd processes serve up to 100 connections each, a spare
+# waiting).  Written by masq-setup system; enable with
 # `systemctl enable --now masq-smtpd.socket`.
 [Unit]
 Description=masq SMTP server socket
-Documentation=man:masq-smtpd(8)
+Documentation=man:masq-tcpserver(8)
 
 [Socket]
 ListenStream=25
-Accept=yes
-# like masq-tcpserver -c: at most this many sessions at once
-MaxConnections=40
-MaxConnectionsPerSource=10
+Accept=no
 
 [Install]
 WantedBy=sockets.target
 """
 
 SMTPD_SERVICE = """\
-# One SMTP session: the connection is masq-smtpd's fd 0 and fd 1.
-# masq-smtpd reads the client's address from the socket (no TCPREMOTEIP here).
-# Written by masq-setup system.
+# The SMTP listener: masq-tcpserver serves the socket of masq-smtpd.socket
+# (it binds nothing itself) with masq-smtpd's code loaded once: at most 40
+# sessions at once, 10 from one client address.  Written by masq-setup system.
 [Unit]
-Description=masq SMTP session
-Documentation=man:masq-smtpd(8)
+Description=masq SMTP server
+Documentation=man:masq-tcpserver(8)
+Requires=masq-smtpd.socket
 
 [Service]
-ExecStart={bin}/masq-smtpd -C /etc/masq/masq.toml
-StandardInput=socket
-StandardOutput=socket
-StandardError=journal
+ExecStart={bin}/masq-tcpserver -c 40 -C 10 0 25 {bin}/masq-smtpd -C /etc/masq/masq.toml
 User=masq
 Group=masq
 NoNewPrivileges=yes
 PrivateTmp=yes
 PrivateDevices=yes
-# a session lives at most this long, whatever the client does
-RuntimeMaxSec=3600
 """
 
 INETD_LINE = "smtp stream tcp nowait masq {bin}/masq-smtpd masq-smtpd -C /etc/masq/masq.toml"
 CRON_LINES = ("@reboot root {bin}/masq-send -C /etc/masq/masq.toml",
+              "@reboot root {bin}/masq-tcpserver -u masq -c 40 -C 10 0 25 {bin}/masq-smtpd "
+              "-C /etc/masq/masq.toml",
               "*/10 * * * * root /usr/bin/runq")
 
 
@@ -167,7 +163,7 @@ def units(bindir):
     """{file name: text} of the systemd units for masq installed in bindir."""
     return {"masq-send.service": SEND_UNIT.format(bin=bindir),
             "masq-smtpd.socket": SMTPD_SOCKET,
-            "masq-smtpd@.service": SMTPD_SERVICE.format(bin=bindir)}
+            "masq-smtpd.service": SMTPD_SERVICE.format(bin=bindir)}
 
 
 # ---------------------------------------------------------------- the manifest
@@ -242,7 +238,7 @@ def not_executable(program):
     Checks what the kernel and Python need: every folder on the way to the
     launcher, the interpreter of its #! line and the real file behind its
     links, and the folders masq's package is imported from (the launcher's
-    `sys.path[:0] = [...]` line written by masq.launchers, else masq's own).
+    `import sys; sys.path...` line written by masq.launchers, else masq's own).
     """
     problem = _reach(program, need_read=True)
     if problem:
@@ -270,9 +266,10 @@ def _import_folders(line):
     import ast
     text = line.decode("utf-8", "replace")
     folders = []
-    if text.startswith("import sys; sys.path[:0] = "):
+    if text.startswith("import sys; sys.path"):     # every folder the line names, in order
         try:
-            folders = list(ast.literal_eval(text.split("=", 1)[1].strip()))
+            folders = [n.value for n in ast.walk(ast.parse(text))
+                       if isinstance(n, ast.Constant) and isinstance(n.value, str)]
         except (ValueError, SyntaxError):
             folders = []
     if not folders:
@@ -425,10 +422,12 @@ def install(plan, manifest=None):
                       "may put its links back (run masq-setup system again)")
     report.append(f"wrote the systemd units {', '.join(units(plan.bindir))} into {UNIT_DIR}")
     report += _enable(manifest, plan.enable)
-    report.append("without systemd, this line in /etc/inetd.conf runs masq-smtpd:")
-    report.append("  " + INETD_LINE.format(bin=plan.bindir))
-    report.append("and these in /etc/crontab run the queue:")
+    report.append("without systemd, these lines in /etc/crontab run the queue and the "
+                  "SMTP listener:")
     report += ["  " + line.format(bin=plan.bindir) for line in CRON_LINES]
+    report.append("(or, for light use, this line in /etc/inetd.conf: a new masq-smtpd "
+                  "per connection)")
+    report.append("  " + INETD_LINE.format(bin=plan.bindir))
     return report
 
 
@@ -610,7 +609,7 @@ def _enable(manifest, enable):
         return [f"start masq with: systemctl enable --now {' '.join(names)}"]
     if not systemd_running():
         return ["--enable: systemd is not running here, nothing enabled "
-                "(use the inetd and cron lines below)"]
+                "(use the cron or inetd lines below)"]
     manifest.record({"do": "enabled", "units": names})
     _command(["systemctl", "daemon-reload"])
     _command(["systemctl", "enable", "--now", *names])

@@ -13,6 +13,10 @@ its owner, an alias's own |command and /file [local] default_privs, the
 default_privs).  Each user's deliveries go in one request to masq-lspawn(8),
 which runs `masq-local --targets` as that user: deliver_targets() here,
 which delivers exactly what it is told and reads the user's ~/.forward.
+With [local] mailbox = "lmtp" masq-send hands the mailboxes to the LMTP
+server itself, as masq, in one transaction per message: the server stores
+the mail as its user, so no user switch is needed, and no ~/.forward is
+read (the server's own filters do that job).
 
 One module of about 500 lines on purpose: both halves build and answer the
 same Plan (its delivery keys, its per-recipient answers), and reading them
@@ -129,6 +133,8 @@ class Plan:
                 key = ("null",)
             else:
                 key = ("maildir" if target.endswith("/") else "mbox", target)
+        elif self.system and self.conf.get("local.mailbox") == "lmtp":
+            key = ("lmtp", self._system_user(target))   # masq-send itself: no user switch
         elif self.system:
             key = ("user", self._system_user(target))
         else:
@@ -170,21 +176,24 @@ class Plan:
         problem = localpart.mailbox_problem(self.conf, user)
         if problem:
             raise DeliveryError(problem, temporary=False)
+        kind = self.conf.get("local.mailbox")
+        if kind == "lmtp":
+            return ("lmtp", user)
         pw = localpart.passwd(user)
         home = pw.pw_dir if pw else self.conf.dir
         info["home"] = home
-        kind = self.conf.get("local.mailbox")
         if kind == "mda":
             return ("mda", user)
         template = self.conf.get("local.path") or "mail/{user}/"
-        path = self.conf.path(_substitute(template, {"user": user, "home": home}),
+        path = self.conf.path(substitute(template, {"user": user, "home": home}),
                               is_value=True)
         if kind == "mbox":
             return ("mbox", path.rstrip("/") or path)
         return ("maildir", path if path.endswith("/") else path + "/")
 
     def copies(self):
-        return len(self.jobs) + (1 if self.forward else 0)
+        lmtp = sum(key[0] == "lmtp" for key in self.jobs)
+        return len(self.jobs) - lmtp + (1 if lmtp else 0) + (1 if self.forward else 0)
 
     # -- delivering
 
@@ -193,9 +202,10 @@ class Plan:
         if spawn is not None:
             self.spawn_all(source, spawn)
             return
-        jobs = list(self.jobs.items())
+        jobs = [item for item in self.jobs.items() if item[0][0] != "lmtp"]
         if self.resubmit:       # the mailbox first, while the mail group is ours
             jobs.sort(key=lambda item: item[0] not in self.mailboxes)
+        self._lmtp(source)
         for key, job in jobs:
             program.title(f"masq-local: delivering {self.qid or ''} to {key[0]}")
             if key not in self.mailboxes:
@@ -216,9 +226,12 @@ class Plan:
         the masq user.
         """
         users = {}
+        self._lmtp(source)
         for key, job in self.jobs.items():
             if key[0] == "null":
                 job["result"] = ("K", "discarded (/dev/null)")
+                continue
+            if key[0] == "lmtp":
                 continue
             users.setdefault(job["user"], []).append(key)
         for user, keys in users.items():
@@ -229,6 +242,18 @@ class Plan:
         if self.forward:
             with source.open() as stream:
                 self.forward_result = self._forward(stream)
+
+    def _lmtp(self, source):
+        """mailbox = "lmtp": the users' mailboxes of this message in one LMTP transaction."""
+        keys = [key for key in self.jobs if key[0] == "lmtp"]
+        if not keys:
+            return
+        program.title(f"masq-local: delivering {self.qid or ''} by LMTP")
+        mailbox.drop_group()        # a borrowed group is for the user's mbox only
+        with source.open() as stream:
+            results = mailbox.lmtp(self.conf, self.sender, [key[1] for key in keys], stream)
+        for key, result in zip(keys, results, strict=True):
+            self.jobs[key]["result"] = result
 
     def _write(self, key, info, stream):
         head = (f"Return-Path: <{self.sender}>\nDelivered-To: {info['rcpt']}\n"
@@ -266,7 +291,7 @@ class Plan:
                   "recipient": info["rcpt"], "local": info["local"],
                   "domain": info["domain"]}
         # each word on its own, after splitting: a value never makes a new argument
-        return [_substitute(word, values) for word in words]
+        return [substitute(word, values) for word in words]
 
     def _env(self, info, user):
         name, home = user
@@ -493,7 +518,7 @@ def _timeout(conf):
         return 3600.0
 
 
-def _substitute(text, values):
+def substitute(text, values):
     """Replace {name} for the names in `values`, in one pass (no re-expansion)."""
     out, i = [], 0
     while i < len(text):

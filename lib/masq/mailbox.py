@@ -1,4 +1,4 @@
-"""Write one message into a maildir, an mbox, or a delivery program.
+"""Write one message into a maildir, an mbox, an LMTP server or a delivery program.
 
 Each function takes `head` (bytes put before the message: Return-Path and
 Delivered-To lines) and `stream` (a binary stream of the message, LF line
@@ -39,6 +39,11 @@ its dot-lock) is dropped by drop_group() before anything else: command()
 always drops it, and masq-local drops it before every target that is not
 the user's own mailbox.
 
+lmtp     the message as it is, in one LMTP transaction for all the users of
+         one message ([local] lmtp: Dovecot's socket or host:port); RCPT
+         TO is the user name; each user's reply is that user's answer (a
+         452 defers that one only).  The server writes its own Return-Path
+         and trace; masq adds nothing.  Returns (letter, text) per user.
 command  argv run without a shell (or ["/bin/sh", "-c", cmd] for a pipe
          alias), message on stdin, stdout and stderr kept for the reason:
          exit 0 delivered; a temporary code of masq.program's table (75,
@@ -415,16 +420,21 @@ def _unlock(dotlock, identity, dfd):
         pass
 
 
-def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):
-    """Run a delivery program with the message on stdin; return 'program NAME'."""
+def command(argv, head, stream, env, cwd=None, timeout=3600, name=None, stderr_first=False):
+    """Run a delivery program with the message on stdin; return 'program NAME'.
+
+    The reason of a failure is the last line it wrote; with stderr_first
+    (the pipe transport), the last line on stderr, else on stdout.
+    """
     import subprocess   # with tempfile: several ms that a maildir or mbox delivery
     import tempfile     # does not pay (masq.child)
     drop_group()        # a program never runs with the mail spool's group
     name = name or os.path.basename(argv[0])
-    with tempfile.TemporaryFile() as output:
+    with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
         try:
             status = child.run(argv, child.Chain(head, stream), time.monotonic() + timeout,
-                               stdout=output, stderr=output, env=env, cwd=cwd)
+                               stdout=output, stderr=errors if stderr_first else output,
+                               env=env, cwd=cwd)
         except OSError as e:
             raise DeliveryError(f"unable to run {argv[0]}: {e.strerror}") from None
         except subprocess.TimeoutExpired:
@@ -432,10 +442,28 @@ def command(argv, head, stream, env, cwd=None, timeout=3600, name=None):
         if status == 0:
             return f"program {name}"
         temporary, what = program.classify(status, unknown_temporary=False)
-        reason = child.last_line(output) or f"{name} exited with status {status}"
+        reason = (stderr_first and child.last_line(errors)) or child.last_line(output) \
+            or f"{name} exited with status {status}"
         if status < 0:
             reason = f"{name} {what}: {reason}"
         raise DeliveryError(reason, temporary=temporary)
+
+
+def lmtp(conf, sender, users, stream):
+    """Hand one message to [local] lmtp for these users, in one transaction;
+    (letter, text) per user, as the server answered each (RFC 2033 section 4.2)."""
+    from masq import nexthop    # socket and the SMTP client: only for mailbox = lmtp
+    from masq import Error
+    try:
+        session = nexthop.local_lmtp(conf)
+    except DeliveryError as e:
+        return [e.answer()] * len(users)
+    except Error as e:          # a configuration that cannot work: fixed, then retried
+        return [("Z", str(e))] * len(users)
+    try:
+        return session.send(sender, users, stream)
+    finally:
+        session.close()
 
 
 class _Writer:

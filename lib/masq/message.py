@@ -63,16 +63,16 @@ def missing(stream, limit=65536):
     head = b""
     while not (head.startswith(b"\n") or b"\n\n" in head):
         if len(head) >= limit:
-            return [], _Replay(head, stream)
+            return [], Replay(head, stream)
         data = stream.read(limit)
         if not data:
             break
         head += data
     section = headers.scan(io.BytesIO(head))
-    return [n for n in ("date", "message-id") if not section.has(n)], _Replay(head, stream)
+    return [n for n in ("date", "message-id") if not section.has(n)], Replay(head, stream)
 
 
-class _Replay:
+class Replay:
     """A stream that gives `head`, then what `stream` gives."""
 
     def __init__(self, head, stream):

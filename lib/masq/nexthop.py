@@ -17,13 +17,16 @@ name (None: direct delivery), and returns an open smtpclient.ClientSession:
   5.1), without any that is this host (named `hostname`, or on one of
   `my_addresses`) or not better than it.
 
+`local_lmtp(conf)` opens the LMTP session of [local] mailbox = "lmtp" to
+the server [local] lmtp names: a Unix socket or host:port.
+
 A failed opportunistic TLS handshake (tls = "may") is tried once more in
 plaintext, as Postfix does.  Raises DeliveryError when no host could be
 used, masq.Error (code 111) for a configuration that cannot work.
 """
 from masq import mx, net
 from masq.clientroute import Route, config_error
-from masq.connection import ConnectFailed, TLSFailed, tcp, wrapper
+from masq.connection import ConnectFailed, TLSFailed, tcp, unix, wrapper
 from masq.outcome import DeliveryError
 from masq.smtpclient import ClientSession
 
@@ -42,10 +45,34 @@ def connect(conf, route, domain=None):
     return _connect_mx(conf, route, domain)
 
 
+def local_lmtp(conf):
+    """An open LMTP session to [local] lmtp: a Unix socket (a value with a "/",
+    relative to the configuration's folder) or host:port; plaintext, no AUTH."""
+    route = Route(conf)
+    route.protocol, route.tls, route.user = "lmtp", "none", None
+    where = str(conf.get("local.lmtp") or "")
+    if "/" in where:
+        path = conf.path(where, is_value=True)
+        return _open(lambda: unix(path, f"lmtp:{path}", route.timeouts["connect_timeout"]),
+                     route, None)
+    try:
+        host, port = net.host_port(where)
+    except ValueError:
+        port = None
+    if not where or not port:
+        raise config_error(f'{conf.file}: [local] lmtp must be a socket path or "host:port", '
+                           f"not {where!r}")
+    return _open_host(route, host, port, _resolve_host(conf, host))
+
+
 def _open(make, route, server_hostname):
     """Make a connection and open a session on it; one plaintext retry for "may"."""
     conn = make()
-    session = ClientSession(conn, route, server_hostname)
+    if route.protocol == "qmtp":
+        from masq import qmtp       # only a route that speaks it
+        session = qmtp.ClientSession(conn, route, server_hostname)
+    else:
+        session = ClientSession(conn, route, server_hostname)
     try:
         session.open()
         return session

@@ -14,6 +14,21 @@ passes (RFC 5321 section 4.5.1).
 verdict() answers with one of the verdicts below, never with protocol
 text: the session turns it into a reply.  An aliases file that cannot be
 read raises AliasesUnavailableError (temporary), never "unknown user".
+
+A recipient so accepted from a client that may not relay then passes the
+Guard, when [smtpd] configures one: a client listed in a dnswl zone
+passes at once; one listed in a dnsbl zone is LISTED; otherwise the
+triplet is greylisted (masq.greylist) unless greylist_whitelist names
+the client, the sender or the recipient.  A zone that cannot answer and
+a greylist database that cannot be used let the recipient through: they
+are advice, and mail must not wait on them.  A greylist database that is
+only busy (another process held it locked too long) is not broken: that
+one recipient is GREYLISTED, the next is checked again.  A session stores
+at most smtpd.max_recipients new triplets; a later new one, or one that
+the greylist's own caps (per network, for the table) do not store, is
+DEFERRED: refused for now like a greylisted one, and counted by the
+session as a refused recipient.  Each decision is a line for the event
+log, given to the session's `note`.
 """
 import os
 import pwd
@@ -31,6 +46,13 @@ ACCEPT = "accept"
 BAD_ADDRESS = "bad address"
 RELAY_DENIED = "relay denied"
 UNKNOWN_USER = "unknown user"
+GREYLISTED = "greylisted"       # the Guard's: not yet, come back later
+LISTED = "listed"               # the Guard's: the client is on a dnsbl
+DEFERRED = "deferred"           # the Guard's: a new triplet over a cap, not stored
+# counted toward [smtpd] max_refused_recipients by masq-smtpd and masq-qmtpd: a
+# client guessing addresses, or filling greylist.db with new triplets
+REFUSED = (RELAY_DENIED, UNKNOWN_USER, LISTED, DEFERRED)
+BUSY_RETRY_SECONDS = 60         # "try again in" when the greylist database was busy
 
 
 class Client:
@@ -103,6 +125,140 @@ class RecipientPolicy:
             except Error as e:
                 raise AliasesUnavailableError(f"unable to read the aliases: {e}") from None
         return localpart.recipient_problem(self.conf, self.aliases, local_part)
+
+
+class Guard:
+    """DNSWL, DNSBL and greylisting for one session's recipients (see above).
+
+    verdict() gives (ACCEPT, None), (GREYLISTED or DEFERRED, seconds to wait)
+    or (LISTED, (zone, reason)); the databases and resolver open at first use.
+    """
+
+    def __init__(self, conf, settings, client, note):
+        self.conf, self.settings, self.client, self.note = conf, settings, client, note
+        self.greylist = None        # masq.greylist.Greylist, opened at the first triplet
+        self.whitelist = None
+        self.lists = None           # masq.dnsbl.Lists: this session's answers
+        self.allowed = None         # the dnswl zone that lists the client, "" for none
+        self.broken = False         # the greylist database failed: off for the session
+        self.added = 0              # new triplets this session stored
+        self.capped = set()         # the caps this session reached (logged once each)
+        self.failed = set()         # zones whose lookup failed (logged once)
+
+    @staticmethod
+    def wanted(settings):
+        """Does [smtpd] ask for any of it?"""
+        return bool(settings["greylist"] or settings["dnsbl"] or settings["dnswl"])
+
+    def exempt(self, authenticated):
+        """Relay clients, local users, authenticated clients and certificates pass."""
+        return (self.client.trusted or authenticated or self.client.certificate is not None
+                or not self.client.ip)
+
+    def verdict(self, sender, recipient, authenticated):
+        if self.exempt(authenticated) or self.welcome():
+            return ACCEPT, None
+        listed = self.blocked()
+        if listed:
+            return LISTED, listed
+        if self.settings["greylist"]:
+            return self.greylisted(sender, recipient)
+        return ACCEPT, None
+
+    def _lookup(self, zone, kind):
+        """The zone's reason if it lists the client, else None; a failure logged."""
+        from masq import dnsbl
+        if self.lists is None:
+            self.lists = dnsbl.Lists(self.conf.get("dns_servers"))
+        try:
+            return self.lists.listed(self.client.ip, zone)
+        except dnsbl.QueryError as e:
+            if zone not in self.failed:
+                self.failed.add(zone)   # the session's cache gives the same error again
+                self.note(f"{kind}: client={self.client.ip} zone={zone} lookup failed, "
+                          f"let through: {e}")
+            return None
+
+    def welcome(self):
+        """Is the client on a dnswl zone?  (asked once a session)"""
+        if self.allowed is None:
+            self.allowed = ""
+            for zone in self.settings["dnswl"]:
+                if self._lookup(zone, "dnswl") is not None:
+                    self.allowed = zone
+                    self.note(f"dnswl: client={self.client.ip} listed by {zone}: "
+                              "no dnsbl, no greylisting")
+                    break
+        return bool(self.allowed)
+
+    def blocked(self):
+        """(zone, reason) of the first dnsbl zone that lists the client, or None."""
+        for zone in self.settings["dnsbl"]:
+            reason = self._lookup(zone, "dnsbl")
+            if reason is not None:
+                self.note(f"dnsbl: client={self.client.ip} listed by {zone}: {reason}")
+                return zone, reason
+        return None
+
+    def greylisted(self, sender, recipient):
+        """(ACCEPT, None) or (GREYLISTED, seconds) for the triplet."""
+        from masq import greylist
+        if self.broken:
+            return ACCEPT, None
+        try:
+            if self.whitelist is None:
+                path = self.settings["greylist_whitelist"]
+                self.whitelist = greylist.Whitelist()
+                if path:
+                    self.whitelist = greylist.Whitelist.read(self.conf.path(path, is_value=True))
+            if self.whitelist.matches(self.client.ip, sender, recipient):
+                return ACCEPT, None
+            if self.greylist is None:
+                self.greylist = greylist.Greylist(
+                    self.conf.path("spool"), self.settings["greylist_delay"],
+                    self.settings["greylist_window"], self.settings["greylist_expire"])
+            network = greylist.client_network(self.client.ip)
+            state, seconds = self.greylist.check(
+                network, sender, recipient,
+                may_add=self.added < self.settings["max_recipients"])
+        except greylist.GreylistBusy as e:
+            self.note(f"greylist: client={self.client.ip} to=<{recipient}> deferred, "
+                      f"the database is busy: {e}")
+            return GREYLISTED, BUSY_RETRY_SECONDS
+        except greylist.GreylistError as e:
+            if not self.broken:
+                self.broken = True
+                from masq import log
+                log.warn(f"greylisting off for this session: {e}")
+                self.note(f"greylist: client={self.client.ip} not checked, let through: {e}")
+            return ACCEPT, None
+        triplet = f"client={self.client.ip} net={network} from=<{sender}> to=<{recipient}>"
+        if state in greylist.NOT_STORED:
+            if state not in self.capped:
+                self.capped.add(state)
+                why = {greylist.UNRECORDED: f"{self.added} new triplets this session",
+                       greylist.NETWORK_FULL: f"{self.greylist.network_max} new triplets "
+                                              f"of {network} within greylist_window",
+                       greylist.TABLE_FULL: f"{self.greylist.path} holds "
+                                            f"{self.greylist.max_bytes} bytes"}[state]
+                if state == greylist.TABLE_FULL:
+                    from masq import log
+                    log.warn(f"greylist: new triplets not stored: {why}")
+                self.note(f"greylist: {triplet} deferred, not stored ({state}: {why}); "
+                          "later ones of the session too")
+            return DEFERRED, seconds
+        if state == greylist.NEW:
+            self.added += 1
+        if state in (greylist.NEW, greylist.EARLY):
+            self.note(f"greylist: {triplet} greylisted ({state}), retry in {seconds:.0f} s")
+            return GREYLISTED, seconds
+        if state == greylist.PASSED:
+            self.note(f"greylist: {triplet} passed after {seconds:.0f} s")
+        return ACCEPT, None
+
+    def close(self):
+        if self.greylist is not None:
+            self.greylist.close()
 
 
 def local_user():

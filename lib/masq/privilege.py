@@ -1,5 +1,8 @@
 """System mode in masq-send: start masq-lspawn as root, become masq, ask it for deliveries.
 
+as_spool_owner(path): root (sendmail -g, masq-queue greylist) becomes the
+spool's owner before it writes there.
+
 start(conf) is the first thing masq-send does.  In system mode (masq.toml
 `user`) and started as root, it starts masq-lspawn(8) with one end of a
 socketpair on its fd 0, then drops to the masq user for good (no
@@ -85,6 +88,26 @@ def become(uid, gid, name):
     if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 \
             or os.getgroups() not in ([], [gid]):
         raise Error(f"unable to become {name}: the ids did not stick", code=111)
+
+
+def as_spool_owner(path):
+    """As root (system mode: sendmail -g, masq-queue greylist run by root), become
+    the owner of the spool at path, so that what is written there is the masq
+    user's and no link the masq user plants is followed with root's rights.
+    Nothing to do for another user, or for a spool root owns."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise Error(f"unable to read the spool {path}: {e.strerror}", code=75) from None
+    if st.st_uid != 0:
+        try:
+            entry = pwd.getpwuid(st.st_uid)     # the owner's own group, not the folder's
+            name, gid = entry.pw_name, entry.pw_gid
+        except KeyError:
+            name, gid = f"uid {st.st_uid}", st.st_gid
+        become(st.st_uid, gid, name)
 
 
 class Spawner:

@@ -35,6 +35,7 @@ class Relay:
         self.lost = {}              # destination -> connections lost in a row
         self.noted = {}             # destination -> (status, text) to store
         self.routes = {}            # name -> clientroute.Route, or the Error it raised
+        self.signatures = {}        # (queue id, route) -> its DKIM-Signature field (masq.dkim)
         self.parallel = max(1, int(conf.get("queue.parallel") or 1))
         self.hosts = None           # the HostStat, opened on first use
         self.aborted = False        # deliver() failed: workers stop taking messages
@@ -42,7 +43,7 @@ class Relay:
     def destination(self, name, rcpt):
         """(route, None) for a smarthost or wrapper, (route, domain) for MX delivery."""
         table = route.route_table(self.conf, name)
-        if table.get("host") or table.get("wrapper"):
+        if table.get("host") or table.get("wrapper") or table.get("pipe"):
             return (name, None)
         return (name, address.domain_of(rcpt).lower())
 
@@ -145,10 +146,14 @@ class Relay:
 
     def send(self, dest, msg, indices, answers):
         """One message's recipients for one destination; [(letter, text)]."""
-        from masq import nexthop, outcome  # ssl, socket, DNS: only when mail leaves
+        from masq import nexthop, outcome, wiremessage  # ssl, socket, DNS: only when mail leaves
         from masq.connection import ConnectFailed
         name, domain = dest
         rcpts = [msg.recipients[i] for i in indices]
+        if route.route_table(self.conf, name).get("pipe"):     # a command, no SMTP: masq.pipe
+            from masq import pipe
+            return pipe.send(self.conf, name, msg, rcpts,
+                             lambda: _Data(msg, route.route_table(self.conf, name)))
         down = self.down.get(dest)
         if down:
             since, letter, text = down
@@ -157,22 +162,32 @@ class Relay:
         smtp_route = self.routes[name]
         table = route.route_table(self.conf, name)
         sender = route.rewrite(table, msg.sender) if msg.sender else msg.sender
-        session = self.sessions.pop(dest, None)
-        if session is None:
-            try:
-                session = nexthop.connect(self.conf, smtp_route, domain)
-            except outcome.DeliveryError as e:
-                letter, text = e.letter, e.text
-                if smtp_route.connect_error_fail and isinstance(e, ConnectFailed):
-                    letter, text = outcome.PERMANENT, f"{text} (connect_error_fail)"
-                self.down[dest] = (time.time(), letter, text)
-                answers.put(("host", dest, "down" if e.letter == "Z" else "refused", e.text))
-                return [(letter, text)] * len(rcpts)
-            except Error as e:          # the route cannot work as configured
-                self.down[dest] = (time.time(), "Z", str(e))
-                return [("Z", str(e))] * len(rcpts)
         with _Data(msg, table) as data:
-            results = session.send(sender, rcpts, data)
+            message = wiremessage.WireMessage(data)
+            if smtp_route.dkim is not None:     # signed after rewriting, before connecting
+                try:
+                    self.sign(name, smtp_route.dkim, msg, message, sender)
+                except Error as e:              # the key: deferred, never sent unsigned
+                    return [("Z", str(e))] * len(rcpts)
+            session = self.sessions.pop(dest, None)
+            if session is None:
+                try:
+                    if table.get("pop_before_smtp"):    # the smarthost wants a POP3 login
+                        from masq import pop3
+                        pop3.login_before_smtp(self.conf, name)
+                    session = nexthop.connect(self.conf, smtp_route, domain)
+                except outcome.DeliveryError as e:
+                    letter, text = e.letter, e.text
+                    if smtp_route.connect_error_fail and isinstance(e, ConnectFailed):
+                        letter, text = outcome.PERMANENT, f"{text} (connect_error_fail)"
+                    self.down[dest] = (time.time(), letter, text)
+                    answers.put(("host", dest, "down" if e.letter == "Z" else "refused",
+                                 e.text))
+                    return [(letter, text)] * len(rcpts)
+                except Error as e:          # the route cannot work as configured
+                    self.down[dest] = (time.time(), "Z", str(e))
+                    return [("Z", str(e))] * len(rcpts)
+            results = session.send(sender, rcpts, message)
         if session.usable:
             self.lost.pop(dest, None)
             answers.put(("host", dest, "up", results[-1][1]))
@@ -189,6 +204,22 @@ class Relay:
             self.down[dest] = (time.time(), "Z", results[0][1])
             answers.put(("host", dest, "down", results[0][1]))
         return results
+
+    def sign(self, name, signer, msg, message, sender):
+        """Put the route's DKIM-Signature in front of `message` (a WireMessage):
+        made once per message and route, for all its destinations."""
+        from masq import dkim   # as in clientroute: only where a route signs
+        key = (msg.id, name)
+        field = self.signatures.get(key)
+        if field is None:
+            try:
+                field = signer.sign(b"".join(message.lines()), sender)
+            except dkim.UnsignedError as e:
+                log.event(msg.id, str(e), relay=name, dkim="none")
+                field = b""
+            self.signatures[key] = field
+        if field:
+            message.prepend(field)
 
     def check_hosts(self, jobs):
         """Mark destinations down as the host status store says; make the routes."""

@@ -250,6 +250,8 @@ def route_table(conf, name):
 
 def describe_route(table):
     host = table.get("host")
+    if table.get("pipe"):
+        return f"piped to {table['pipe']}"
     return f"via {host}" if host else "straight to the MX of the recipient's domain"
 
 
@@ -258,5 +260,7 @@ def mailbox_of(conf, local_part):
     kind = conf.get("local.mailbox")
     if kind == "mda":
         return f"MDA {conf.get('local.mda').replace('{user}', local_part)}"
+    if kind == "lmtp":
+        return f"LMTP {conf.get('local.lmtp')} as {local_part}"
     path = conf.get("local.path").replace("{user}", local_part)
     return f"{kind} {os.path.join(conf.dir, path)}"

@@ -11,7 +11,9 @@ A kind is the word masq.toml(5) writes in parentheses after the key:
 string, path, command, address, word (one of `choices`), "path or word":
 a string; integer: a whole number >= 0; seconds: a number >= 0; boolean;
 list: a list of strings; table: a table, of `members` or, when `members`
-is a kind, of any names to values of that kind.  tests/test_config.py
+is a kind, of any names to values of that kind; tables: an array of
+tables ([[route.NAME.fetch]]), each of `members`, each checked and
+located on its own.  tests/test_config.py
 checks that the page documents every key here with its kind and default,
 and no other.
 """
@@ -41,11 +43,14 @@ KEYS = {
     "max_size": Key("integer", 52428800, "the largest message accepted, in bytes"),
     "postmaster": Key("string", "postmaster", "not read yet"),
     "user": Key("string", "", "system mode: the user the spool belongs to"),
-    "dns_servers": Key("list", None, "DNS servers for masq-smtp; absent: the system's"),
+    "dns_servers": Key("list", None, "DNS servers for masq-smtp and dnsbl; absent: the "
+                       "system's"),
     "my_addresses": Key("list", None, "addresses and networks that mean this host"),
 
     "local.mailbox": Key("word", "maildir", "the kind of mailbox",
-                         choices=("maildir", "mbox", "mda")),
+                         choices=("maildir", "mbox", "mda", "lmtp")),
+    "local.lmtp": Key("string", "/run/dovecot/lmtp", "mailbox = lmtp: the LMTP server, a "
+                      "Unix socket path or host:port"),
     "local.path": Key("path", "mail/{user}/", "the maildir folder or mbox file"),
     "local.mda": Key("command", "procmail -d {user}", "the delivery agent for mailbox = mda"),
     "local.users": Key("word", "any", "which local parts are mailboxes",
@@ -111,6 +116,16 @@ KEYS = {
     "smtpd.auth_lockout": Key("seconds", 3600, "how long AUTH is refused after that"),
     "smtpd.auth_max_concurrent": Key("integer", 2, "password checks at once, all sessions; "
                                      "0: no limit"),
+    "smtpd.greylist": Key("boolean", False, "defer a new client network, sender, recipient"),
+    "smtpd.greylist_delay": Key("seconds", 300, "a retry this much later passes"),
+    "smtpd.greylist_window": Key("seconds", 86400, "a retry must come within this"),
+    "smtpd.greylist_expire": Key("seconds", 3024000, "a passed triplet is remembered this long"),
+    "smtpd.greylist_whitelist": Key("path", "", "addresses, domains, networks not greylisted"),
+    "smtpd.dnsbl": Key("list", [], "DNS block list zones: a listed client is refused"),
+    "smtpd.dnswl": Key("list", [], "DNS allow list zones: a listed client skips dnsbl and "
+                       "greylist"),
+    "smtpd.max_refused_recipients": Key("integer", 20, "refused RCPTs before 421; 0: no "
+                                        "limit"),
 
     "route.*.interface": Key("string", None, 'detect = "link": the route is up while this '
                              "interface is"),
@@ -122,12 +137,25 @@ KEYS = {
     "route.*.tls_ca_file": Key("path", None, "the certificates to check against"),
     "route.*.auth": Key("table", None, "log in with SMTP AUTH", members={
         "user": Key("string", None, "the name to log in as"),
-        "password_file": Key("path", None, "the password is its first line")}),
+        "password_file": Key("path", None, "the password is its first line"),
+        "mechanism": Key("word", None, "OAuth 2.0 with the token of token_command",
+                         choices=("xoauth2", "oauthbearer")),
+        "token_command": Key("command", None, "prints an OAuth access token")}),
     "route.*.auth_mechanisms": Key("list", ["CRAM-MD5", "PLAIN", "LOGIN"], "best first"),
     "route.*.allow_auth_without_tls": Key("boolean", False, "send the password unprotected"),
     "route.*.helo": Key("string", None, "the name in EHLO or LHLO; absent: hostname"),
     "route.*.wrapper": Key("command", None, "a command that is the connection"),
-    "route.*.protocol": Key("word", "smtp", "the protocol spoken", choices=("smtp", "lmtp")),
+    "route.*.pipe": Key("command", None, "a command the route's mail is piped to, "
+                        "instead of SMTP"),
+    "route.*.pipe_per_recipient": Key("boolean", True, "the pipe runs once per recipient; "
+                                      "false: once with all"),
+    "route.*.pipe_fromline": Key("boolean", False, 'a "From sender date" line before the '
+                                 "message"),
+    "route.*.pipe_fromhack": Key("boolean", False, 'lines beginning "From " get a ">"'),
+    "route.*.pipe_timeout": Key("seconds", 300, "a pipe command running longer is killed "
+                                "(deferred)"),
+    "route.*.protocol": Key("word", "smtp", "the protocol spoken",
+                             choices=("smtp", "lmtp", "qmtp")),
     "route.*.connect_timeout": Key("seconds", 30, "the wait for a connection"),
     "route.*.greeting_timeout": Key("seconds", 300, "the wait for the greeting"),
     "route.*.command_timeout": Key("seconds", 300, "the wait for a command's reply"),
@@ -147,6 +175,26 @@ KEYS = {
     "route.*.reuse_connection": Key("boolean", True, "one connection per destination and run"),
     "route.*.last_route": Key("boolean", False, "deferred mail tries no later route"),
     "route.*.connect_error_fail": Key("boolean", False, "no connection bounces at once"),
+    "route.*.dkim_key": Key("path", None, "sign with this DKIM private key; absent: unsigned"),
+    "route.*.dkim_selector": Key("string", None, "the DKIM selector (s=)"),
+    "route.*.dkim_domain": Key("string", None, "the signing domain (d=); absent: From:'s"),
+    "route.*.dkim_algorithm": Key("word", None, "absent: the key's kind",
+                                  choices=("rsa-sha256", "ed25519-sha256")),
+    "route.*.fetch": Key("tables", None, "POP3 accounts masq-fetch reads", members={
+        "server": Key("string", None, "host or host:port"),
+        "tls": Key("word", "pop3s", "how the connection is protected",
+                   choices=("pop3s", "stls", "none")),
+        "tls_ca_file": Key("path", None, "the certificates to check against"),
+        "user": Key("string", None, "the name to log in as"),
+        "password_file": Key("path", None, "the password is its first line"),
+        "apop": Key("boolean", False, "log in with APOP"),
+        "keep": Key("boolean", False, "leave fetched mail on the server"),
+        "max_size": Key("integer", None, "larger messages stay on the server"),
+        "deliver_to": Key("address", None, "where fetched mail goes"),
+        "max_count": Key("integer", None, "messages fetched per run")}),
+    "route.*.fetch_on_up": Key("boolean", False, "masq-send runs masq-fetch when the route "
+                               "comes up"),
+    "route.*.pop_before_smtp": Key("string", None, "log in to this fetch user before SMTP"),
 }
 
 DEFAULTS = {name: key.default for name, key in KEYS.items()}
@@ -163,6 +211,14 @@ def check(data):
     key's path as a tuple of names, ("route", "dead", "hots")."""
     problems = []
     _check_table(data, "", (), problems)
+    routes = data.get("route")
+    for name, table in (routes.items() if isinstance(routes, dict) else ()):
+        if isinstance(table, dict) and table.get("pipe"):
+            for other in ("host", "wrapper"):
+                if table.get(other):    # masqmail: `pipe` replaces the SMTP connection
+                    problems.append((("route", name, "pipe"), f"route.{name} has both pipe "
+                                     f"and {other}: a route pipes its mail or sends it, "
+                                     "not both"))
     return problems
 
 
@@ -183,6 +239,20 @@ def _check_table(table, prefix, where, problems):
                                          f"[route.{route}], not {_show(inner)}"))
             else:
                 _check_table(value, f"{name}.", path, problems)
+        elif name in known and known[name].kind == "tables" and isinstance(value, list) \
+                and all(isinstance(item, dict) for item in value):
+            members = known[name].members
+            for index, item in enumerate(value):    # each entry and member has its line
+                for member, inner in item.items():
+                    if member not in members:
+                        hint = _suggest(member, members, "{}")
+                        problems.append((path + (index, member), f"unknown key {member} "
+                                         f"in [[{_label(where, name)}]]{hint}"))
+                        continue
+                    message = _check_value(members[member], inner)
+                    if message:
+                        problems.append((path + (index, member),
+                                         f"{_label(where, name)}.{member} must be {message}"))
         elif name in known:
             message = _check_value(known[name], value)
             if message:
@@ -222,6 +292,8 @@ def _check_value(key, value):
         for item in value:
             if not isinstance(item, str):
                 return f"a list of strings, not one with {_show(item)}"
+    elif kind == "tables":
+        return f"an array of tables [[...]], not {_show(value)}"
     elif kind == "table":
         if not isinstance(value, dict):
             return f"a table, not {_show(value)}"

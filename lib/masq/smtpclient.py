@@ -2,7 +2,8 @@
 
 A ClientSession is made by masq.nexthop.connect(), which finds the next hop,
 connects and calls open(): the greeting, EHLO (LHLO for LMTP, HELO after a
-5xx), STARTTLS and AUTH as the route (masq.clientroute) says; it raises
+5xx), STARTTLS and AUTH as the route (masq.clientroute) says (a password,
+or an OAuth 2.0 token from masq.oauth: XOAUTH2, OAUTHBEARER); it raises
 DeliveryError (masq.outcome) when the session cannot be used.  Then:
 
     results = session.send(sender, recipients, stream)   # [(letter, text)]
@@ -140,12 +141,15 @@ class ClientSession:
         safe = (self.conn.tls and route.verify) or self.conn.proc
         if not safe and not route.allow_auth_without_tls:
             why = "unverified TLS" if self.conn.tls else "TLS"
-            raise DeliveryError(f"not sending the password for {route.label} to "
+            what = "access token" if route.mechanism else "password"
+            raise DeliveryError(f"not sending the {what} for {route.label} to "
                                 f"{self.peer} over {why} (set tls_verify = true, or "
                                 f"allow_auth_without_tls = true to allow it)")
         offered = self.extensions.get("AUTH", "").upper().split()
         if "AUTH" not in self.extensions:
             return          # as Postfix: send without AUTH, the server decides
+        if route.mechanism:
+            return self._authenticate_oauth(offered)
         mechanism = next((m for m in route.mechanisms if m in offered and m in MECHANISMS),
                          None)
         if mechanism is None:
@@ -174,6 +178,33 @@ class ClientSession:
             # a wrong password is fixed by people, then retried (Postfix soft-bounces)
             raise DeliveryError(f"{self.peer} refused authentication as "
                                 f"{route.user}: {reply.text}")
+
+    def _authenticate_oauth(self, offered):
+        """AUTH XOAUTH2 or OAUTHBEARER (RFC 7628) with the route's access token."""
+        from masq import oauth
+        route = self.route
+        mechanism = route.mechanism
+        if mechanism not in offered:
+            raise DeliveryError(f"{self.peer} offers AUTH {' '.join(offered)}, not "
+                                f"{mechanism}, which {route.label} uses")
+        import base64   # as in authenticate()
+        token = oauth.get(route)
+        response = oauth.initial_response(mechanism, route.user, token,
+                                          self.server_hostname, route.port)
+        what = f"to AUTH {mechanism}"
+        reply = self.command(b"AUTH " + mechanism.encode() + b" "
+                             + base64.b64encode(response), what)
+        status = ""
+        if reply.code == 334:
+            # an error as a challenge (RFC 7628 3.2.3: the client answers ^A;
+            # XOAUTH2 servers want an empty line), then the final reply
+            status = oauth.error_status(reply.lines[0] if reply.lines else "")
+            reply = self.command(b"AQ==" if mechanism == "OAUTHBEARER" else b"", what)
+        if reply.code // 100 != 2:
+            oauth.forget(route)     # revoked or expired early: the next attempt asks anew
+            # fixed by people (or a fresh token), then retried, as a wrong password
+            raise DeliveryError(f"{self.peer} refused the {mechanism} token of {route.user}: "
+                                f"{reply.text}" + (f" (status {status})" if status else ""))
 
     def command(self, line, what):
         """Send one command line and read its reply."""

@@ -2,7 +2,8 @@
 
 read_settings() gives every [smtpd] key of masq.schema (masq.toml(5)), its
 default when absent; config.load has refused values of the wrong kind, and
-a relay_nets entry that is no network is a ConfigError, never a guess.
+a relay_nets entry that is no network, or a dnsbl or dnswl entry that is
+no zone name, is a ConfigError, never a guess.
 tls_context() builds the server's SSLContext once per process and again
 only when the certificate or key file changed.  A listener that forks a
 session per connection (masq-tcpserver) calls preload() once; load() in
@@ -39,6 +40,11 @@ def read_settings(conf):
                 or int(length or 0) > (32 if address[0] == 4 else 128)):
             raise config.ConfigError(f"{conf.file}: smtpd.relay_nets: {network!r} is not an "
                                      "address or address/length")
+    for key in ("dnsbl", "dnswl"):
+        for zone in settings[key]:
+            if not zone.strip(".") or net.host_name(zone) != zone:
+                raise config.ConfigError(f"{conf.file}: smtpd.{key}: {zone!r} is not a DNS "
+                                         "zone name")
     return settings
 
 
@@ -97,11 +103,22 @@ def preload(conf_file):
         _preloaded = None           # each session will say what is wrong
         return
     try:
-        files = tls_files(conf, read_settings(conf))
+        settings = read_settings(conf)
+        files = tls_files(conf, settings)
         if files:
             tls_context(*files)     # once here, not in each forked child
     except Error:
-        pass                        # each session will say what is wrong
+        return                      # each session will say what is wrong
+    # what greylisting and the DNS lists load at their first use (dnspython:
+    # tens of ms), once here; a configuration without them loads none of it
+    if settings["greylist"]:
+        from masq import greylist   # noqa: F401
+        import sqlite3              # noqa: F401
+    if settings["dnsbl"] or settings["dnswl"]:
+        from masq import dnsbl, mx  # noqa: F401
+        import dns.exception        # noqa: F401
+        import dns.nameserver       # noqa: F401
+        import dns.resolver         # noqa: F401
 
 
 def _preloaded_config(conf_file):

@@ -57,11 +57,18 @@ SIZE_DIGITS = 16
 HEADER_BYTES = len(MAGIC) + SIZE_DIGITS + 1
 STAGES = ("incoming", "active", "hold")
 FOLDERS = ("tmp", *STAGES, "corrupt")
-KNOWN_FILES = ("trigger", "VERSION", "hoststat.db", "hoststat.db-journal",
-               "drop", "control")     # system mode: masq.drop, masq.control
+KNOWN_FILES = ("trigger", "VERSION",
+               "drop", "control",     # system mode: masq.drop, masq.control
+               "fetch",               # masq-fetch's unique ids (masq.pop3)
+               "oauth",               # masq-smtp's access tokens (masq.oauth)
+               "auth-slots")          # masq-smtpd's password checks (masq.anvil)
+# sqlite3 stores: masq.hoststat, masq.anvil, masq.greylist, with their side files
+KNOWN_DATABASES = ("hoststat.db", "anvil.db", "greylist.db")
+SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm")
 COPY_BYTES = 65536
 TMP_GRACE_SECONDS = 60         # check leaves younger tmp/ files alone (created, not yet locked)
-TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for")
+TRACE_WORDS = ("arrived", "proto", "client", "client_name", "helo", "auth", "user", "for",
+               "trusted")
 STATE_WORDS = ("done", "failed", "deferred", "waiting")
 
 
@@ -605,6 +612,11 @@ def is_locked(path):
         os.close(fd)
 
 
+def _is_database(name):
+    """One of the sqlite3 stores masq keeps in the spool, or a side file of one."""
+    return any(name == db + suffix for db in KNOWN_DATABASES for suffix in SQLITE_SUFFIXES)
+
+
 def check(spool, repair=False):
     """Find torn, orphaned and unreadable files; yield one line per problem.
 
@@ -651,7 +663,8 @@ def check(spool, repair=False):
                 if repair:
                     msg._append(b"", True)
     for name in os.listdir(spool.path):
-        if name not in FOLDERS and name not in KNOWN_FILES and not name.startswith("."):
+        if (name not in FOLDERS and name not in KNOWN_FILES and not name.startswith(".")
+                and not _is_database(name)):
             yield f"{name}: not part of a masq spool"
     if not os.path.exists(spool.folder("VERSION")):
         yield "VERSION: missing" + (": written" if repair else "")

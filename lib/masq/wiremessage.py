@@ -42,6 +42,7 @@ class WireMessage:
         else:
             self.file, self.start = _copy(stream), 0
         self.size = 0               # bytes on the wire (CRLF), before dot-stuffing
+        self.head = b""             # prepend(): a field added in front (DKIM-Signature)
         self.eightbit = False
         self.utf8_addresses = False     # address headers with non-ASCII
         self._scan()
@@ -57,8 +58,20 @@ class WireMessage:
             if not self.eightbit and not chunk.isascii():
                 self.eightbit = True
 
+    def prepend(self, field):
+        """Send these bytes (header fields with LF line ends) before the message."""
+        self.head = field + self.head
+        self.size += len(field) + field.count(b"\n")
+
+    def lines(self):
+        """The message as it goes on the wire but with LF line ends, in pieces
+        (what masq.dkim signs)."""
+        return self._lines()
+
     def _lines(self):
         """The message in pieces with LF line ends only: CRLF and a bare CR become LF."""
+        if self.head:
+            yield self.head
         self.file.seek(self.start)
         carry = b""
         while chunk := self.file.read(WRITE_CHUNK_BYTES):

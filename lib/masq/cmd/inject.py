@@ -4,6 +4,7 @@ Usage:
   sendmail [-t] [-i] [-f ADDR] [-F NAME] [-odb | -odq | -odi] [-v] [-C FILE] [--] [ADDRESS...]
   sendmail -bp | -bs | -bi | -bh | -bH | -q | -qo ROUTE [-C FILE]
   sendmail -bv [-C FILE] ADDRESS...
+  sendmail -g [ROUTE] | -go [ROUTE] [-v] [-C FILE]
   mailq | runq | newaliases | hoststat | purgestat [-C FILE]
   rmail [-C FILE] ADDRESS...
   mailrm [-C FILE] ID...
@@ -24,6 +25,10 @@ Options:
   -bH       Empty the host status store (purgestat).
   -q        Run the queue once (runq).
   -qo ROUTE Run the queue once as if ROUTE were online.
+  -g        Fetch mail by POP3 for every route (masq-fetch --all); with
+            ROUTE, for that route's accounts.
+  -go       Fetch mail for the routes that are online; with ROUTE, as if
+            ROUTE were online.
   -odb      Deliver in the background after queuing (the default).
   -odq      Queue only; the next queue run delivers.
   -odi      Deliver before exiting (the exit code still says "queued").
@@ -51,7 +56,7 @@ from masq.program import Exit
 MODES_BY_NAME = {"mailq": "p", "runq": "q", "newaliases": "i", "mailrm": "rm",
                  "hoststat": "h", "purgestat": "H"}
 MODE_WORDS = {"m": "-bm", "p": "-bp", "s": "-bs", "i": "-bi", "v": "-bv",
-              "q": "-q", "rm": "mailrm", "h": "-bh", "H": "-bH"}
+              "q": "-q", "rm": "mailrm", "h": "-bh", "H": "-bH", "g": "-g"}
 VALUE_FLAGS = "fFrCNBob"         # these take a value, attached or as the next word
 IGNORED_FLAGS = "m"
 
@@ -68,7 +73,8 @@ class Options:
 
     def __init__(self):
         self.mode = None            # m p s i v q rm
-        self.route = None           # -qo ROUTE
+        self.route = None           # -qo ROUTE, -g ROUTE, -go ROUTE
+        self.online = False         # -go: the routes that are online
         self.extract = False        # -t
         self.dots = True            # a lone "." ends input (until -i)
         self.sender = None          # -f / -r
@@ -122,6 +128,9 @@ def parse(argv, name):
         while j < len(word):
             flag = word[j]
             j += 1
+            if flag == "g":         # -g [ROUTE], -go [ROUTE]: masqmail 0.2's fetch
+                i = fetch_option(opts, word[j:], argv, i)
+                break
             if flag == "q" or flag in VALUE_FLAGS:
                 value = word[j:]
                 if not value and flag in VALUE_FLAGS:
@@ -148,7 +157,7 @@ def parse(argv, name):
                 raise UsageError(f"unknown option -{flag}")
     opts.args = argv[i:]
     mode = opts.mode or "m"
-    if mode in ("p", "s", "i", "q", "h", "H") and opts.args:
+    if mode in ("p", "s", "i", "q", "h", "H", "g") and opts.args:
         raise UsageError(f"{MODE_WORDS[mode]} takes no addresses")
     if mode in ("v", "rm") and not opts.args:
         what = "ADDRESS" if mode == "v" else "ID"
@@ -187,6 +196,21 @@ def option(opts, flag, value):
         opts.conf = value
     # -N (DSN notify) and -B (body type) are accepted and ignored: masq is
     # 8-bit clean and sends no DSN requests.
+
+
+def fetch_option(opts, value, argv, i):
+    """-g or -go and the ROUTE that may follow; the index after them."""
+    if value not in ("", "o"):
+        raise UsageError(f"unknown option -g{value}")
+    set_mode(opts, "g")
+    opts.online = value == "o"
+    if i < len(argv) and not argv[i].startswith("-"):
+        if opts.online and argv[i][:1].isdigit():
+            raise UsageError("-go INTERVAL is not supported: for fetching when a route "
+                             "comes up set fetch_on_up and run masq-send as a daemon")
+        opts.route = argv[i]
+        i += 1
+    return i
 
 
 def set_mode(opts, mode):
@@ -391,6 +415,22 @@ def smtp(conf, opts):
     return smtpd.main(["-C", conf.file])
 
 
+def fetch(conf, opts):
+    """-g, -go: masq-fetch, run from beside this interpreter (its own process)."""
+    args = ["-C", conf.file] + (["--route", opts.route] if opts.route
+                                else [] if opts.online else ["--all"])
+    path = os.path.join(os.path.dirname(sys.executable), "masq-fetch")
+    if not os.access(path, os.X_OK):
+        import shutil       # only when masq-fetch is not beside us
+        path = shutil.which("masq-fetch")
+        if not path:
+            raise Error("masq-fetch is not installed", code=Exit.UNAVAILABLE,
+                        temporary=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(path, [path, *args, *(["-v"] if opts.verbose else [])])
+
+
 def remove(conf, opts):
     return _program("queue").main(["-C", conf.file, "remove", *opts.args])
 
@@ -431,7 +471,7 @@ def purge_host_status(conf, opts):
 
 
 RUN_MODE = {"p": list_queue, "q": run_queue, "v": verify, "i": check_aliases,
-            "s": smtp, "rm": remove, "h": host_status, "H": purge_host_status}
+            "s": smtp, "rm": remove, "h": host_status, "H": purge_host_status, "g": fetch}
 
 
 def _queue(path):

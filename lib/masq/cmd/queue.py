@@ -8,17 +8,19 @@ Usage:
   masq-queue hold [-C FILE] ID...
   masq-queue release [-C FILE] ID...
   masq-queue check [-C FILE] [--repair]
+  masq-queue greylist [-C FILE] [--clear] [PATTERN]
   masq-queue -h | --help
 
 Options:
   -C FILE   Read this configuration instead of $MASQ_CONF.
   --repair  Remove orphans and set aside unreadable files.
+  --clear   Forget the greylist's triplets that PATTERN matches, or all.
   -h --help  Show this.
 
 Without a command: the message comes on fd 0, the envelope on fd 1
 (F<sender>\\0 T<rcpt>\\0 ... \\0), trace data in MASQ_PROTO, MASQ_CLIENT,
-MASQ_CLIENT_NAME, MASQ_HELO, MASQ_AUTH, MASQ_USER and MASQ_FOR.  Exit 0 only once the
-message is durable.  Exit codes: masq-queue(8).
+MASQ_CLIENT_NAME, MASQ_HELO, MASQ_AUTH, MASQ_USER, MASQ_CERT, MASQ_TRUSTED
+and MASQ_FOR.  Exit 0 only once the message is durable.  Exit codes: masq-queue(8).
 """
 import os
 import pwd
@@ -34,7 +36,7 @@ def main(argv=None):
         return enqueue_from_fds(argv[1] if argv else None)
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
     if args["-C"] is None and not any(args[c] for c in (
-            "list", "show", "remove", "hold", "release", "check")):
+            "list", "show", "remove", "hold", "release", "check", "greylist")):
         return enqueue_from_fds(None)
     conf = config.load(args["-C"])
     queue = spool.Spool(conf.path("spool"))
@@ -44,6 +46,8 @@ def main(argv=None):
         return Exit.OK
     if args["show"]:
         return show(conf, queue, args["ID"][0])
+    if args["greylist"]:
+        return greylist(conf, args["PATTERN"], args["--clear"])
     if args["check"]:
         problems = list(spool.check(queue, repair=args["--repair"]))
         for line in problems:
@@ -95,6 +99,35 @@ def show(conf, queue, qid):
         while chunk := data.read(65536):
             out.write(chunk)
     return Exit.OK
+
+
+def greylist(conf, pattern, clear):
+    """List the greylist's triplets (those PATTERN matches), or forget them."""
+    from masq import greylist
+    path = conf.path("spool")
+    _as_spool_owner(path)
+    table = greylist.Greylist(path)
+    try:
+        if clear:
+            count = table.clear(pattern)
+            log.setup(conf)
+            log.line(f"greylist: {count} triplet(s) cleared by {_who()}"
+                     + (f" matching {pattern}" if pattern else ""))
+            print(f"{count} triplet(s) cleared")
+        else:
+            rows = [t for t in table.triplets() if not pattern or greylist.matches(t, pattern)]
+            sys.stdout.writelines(greylist.describe(rows))
+    finally:
+        table.close()
+    return Exit.OK
+
+
+def _as_spool_owner(path):
+    """root, in system mode: become the spool's owner, so that the sqlite files
+    made now (-wal, -shm) are the masq user's, whose masq-smtpd must write them."""
+    if os.geteuid() == 0:
+        from masq import privilege
+        privilege.as_spool_owner(path)
 
 
 def change(conf, queue, args):

@@ -15,7 +15,8 @@ Options:
 Without --once it is the daemon: woken by masq-queue through the spool's
 trigger FIFO after every enqueue, it retries deferred mail on a back-off
 schedule, rescans when the online routes change, and stops cleanly on SIGTERM
-(a delivery under way is finished first).  IDs limit a run to those messages.
+(a delivery under way is finished first).  It runs 10 nice levels below
+where it was started, so that taking mail in gets the CPU first.  IDs limit a run to those messages.
 For each message: incoming -> active, masq-route's decision per recipient,
 local delivery in-process (or by masq-local: [local] deliver), SMTP by
 route in up to queue.parallel threads with one connection per destination,
@@ -40,12 +41,21 @@ from masq.program import Exit
 # that uses them, when it first runs.
 
 POLL_SECONDS = 60               # detect = "command" (or a failed watch): asked this often
+DAEMON_NICE = 10                # the daemon's deliveries yield the CPU to what takes mail in
 
 
 def main(argv=None):
     args = _quick(sys.argv[1:] if argv is None else argv) \
         or program.parse(__doc__, argv, usage_code=Exit.USAGE)
     conf = config.load(args["-C"])
+    if not (args["--once"] or args["ID"]):
+        # the daemon delivers while masq-smtpd and sendmail accept: both want
+        # the CPU, and a client waits for the one, nobody for the other (a
+        # queue run a person starts is not lowered); masq-lspawn inherits it
+        try:
+            os.nice(DAEMON_NICE)
+        except OSError:
+            pass
     if conf.get("user"):
         from masq import privilege
         privilege.start(conf)   # system mode as root: masq-lspawn, then masq for good
@@ -285,6 +295,7 @@ class Daemon:
                      or self.queue.ids("incoming")):
             from masq import relay
             relay.route_came_up(self.conf, self.queue, came)
+        fetch_on_up(self.conf, came)
         self.up = up
         log.line(f"routes up: {', '.join(sorted(up)) or 'none'}")
         self.full_scan()
@@ -362,6 +373,32 @@ class Daemon:
         finally:
             runner.close()
 
+
+
+def fetch_on_up(conf, names):
+    """Start `masq-fetch --route NAME` for each route come up that says
+    fetch_on_up = true: in a grandchild, reaped at once, so the daemon neither
+    waits for it nor imports it; what it queues wakes us by the trigger."""
+    names = [n for n, table in conf.routes if n in names and table.get("fetch_on_up") is True]
+    for name in names:
+        path = os.path.join(os.path.dirname(sys.executable), "masq-fetch")
+        log.line(f"route {name} came up: masq-fetch --route {name}")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if os.fork() == 0:
+                    os.setsid()
+                    null = os.open(os.devnull, os.O_RDWR)
+                    os.dup2(null, 0)
+                    os.dup2(null, 1)
+                    os.execv(path, [path, "-C", conf.file, "--route", name])
+            except OSError as e:
+                log.line(f"warning: unable to run {path}: {e.strerror}")
+            except BaseException:   # noqa: BLE001 -- a child of the daemon never returns
+                pass
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
 
 
 def _drain(fd):

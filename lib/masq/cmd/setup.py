@@ -6,6 +6,7 @@ Usage:
   masq-setup direct DIR [--hostname NAME] [--mailbox KIND]
   masq-setup lan-server DIR --lan CIDR... [--hostname NAME] [--mailbox KIND]
   masq-setup passwd DIR USER
+  masq-setup dkim DIR DOMAIN SELECTOR [--algorithm ALG] [--bits N]
   masq-setup system local-only [--hostname NAME] [--mailbox KIND] [--admin USER]
              [--force] [--enable]
   masq-setup system smarthost --relay HOST:PORT [--user NAME] [--hostname NAME]
@@ -16,6 +17,7 @@ Usage:
              [--admin USER] [--force] [--enable]
   masq-setup system --uninstall
   masq-setup check [CONF]
+  masq-setup import-masqmail MASQMAIL DIR
   masq-setup -h | --help
 
 Options:
@@ -32,6 +34,8 @@ Options:
                      --uninstall.
   --enable           Enable and start masq-send.service and masq-smtpd.socket.
   --uninstall        Undo what `masq-setup system` did.
+  --algorithm ALG    dkim: rsa (the default) or ed25519.
+  --bits N           dkim: the size of an RSA key [default: 2048].
   -h --help          Show this.
 
 Writes DIR/masq.toml, DIR/aliases, DIR/spool/, DIR/mail/ and DIR/bin/ with
@@ -44,10 +48,21 @@ it is.
 passwords in DIR/masq.toml, default DIR/passwd), or replaces its password:
 the password is the first line of stdin, stored only as a salted hash.
 
+`dkim` makes a DKIM private key for DOMAIN in DIR/keys/ (mode 0600) and
+prints the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN and the
+keys that make a [route.NAME] sign with it.
+
 `system`, run as root, makes masq the machine's MTA: the user masq,
 /etc/masq/masq.toml, /var/spool/masq, the links /usr/sbin/sendmail,
 /usr/lib/sendmail, /usr/bin/mailq, /usr/bin/newaliases and /usr/bin/runq,
 and systemd units; `system --uninstall` undoes it (masq-setup(8)).
+
+`import-masqmail` writes DIR as for a profile, with a masq.toml made from
+masqmail's configuration in the folder MASQMAIL (/etc/masqmail: its
+masqmail.conf, route and get files), passwords in DIR/*.secret (mode
+0600), and prints every key it could not carry over and why.  Values read
+out of files masqmail's values name are copied in: masq.toml is mode 0640
+then.
 
 `check` reads CONF (else the file every program would read) as every
 program does and prints each problem with its line: an unknown table or
@@ -170,6 +185,8 @@ class UsageError(Error):
 
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
+    if args["import-masqmail"]:
+        return import_masqmail(args)
     if args["check"]:
         return check(args["CONF"])
     if args["system"]:
@@ -177,6 +194,8 @@ def main(argv=None):
     folder = os.path.abspath(args["DIR"])
     if args["passwd"]:
         return set_password(folder, args["USER"])
+    if args["dkim"]:
+        return make_dkim_key(folder, args)
     profile = next(p for p in PROFILES if args[p])
     mailbox = args["--mailbox"] or "maildir"
     if mailbox not in ("maildir", "mbox", "mda"):
@@ -283,6 +302,11 @@ def _hostname(args):
     hostname = args["--hostname"]
     if hostname == "the host's name":
         hostname = os.uname().nodename
+    from masq import address    # it goes into masq.toml as a string: a name, nothing more
+    try:
+        address.check_domain(hostname)
+    except address.AddressError:
+        raise UsageError(f"--hostname {hostname!r}: not a host name") from None
     return hostname
 
 
@@ -298,6 +322,8 @@ def profile_text(profile, folder, args):
     host, port = _relay(args["--relay"])
     auth = ""
     if args["--user"]:
+        if any(ord(c) < 32 or ord(c) == 127 for c in args["--user"]):
+            raise UsageError("--user: a control character in the name")
         name = args["--user"].replace("\\", "\\\\").replace('"', '\\"')
         auth = f'auth = {{ user = "{name}", password_file = "{SECRET_FILE}" }}\n'
     return ONLINE_NOTE.format(route="smarthost", folder=folder) \
@@ -371,6 +397,45 @@ def set_password(folder, user):
     return Exit.OK
 
 
+def make_dkim_key(folder, args):
+    """masq-setup dkim: a new key in DIR/keys/, its TXT record and route keys printed."""
+    from masq import dkim
+    domain, selector = args["DOMAIN"].lower().rstrip("."), args["SELECTOR"]
+    for what, name in (("DOMAIN", domain), ("SELECTOR", selector)):
+        if not dkim.DNS_NAME.match(name):
+            raise UsageError(f"{what} must be a DNS name, not {name!r}")
+    algorithm = {None: "rsa-sha256", "rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}.get(
+        args["--algorithm"])
+    if algorithm is None:
+        raise UsageError("--algorithm must be rsa or ed25519")
+    bits = args["--bits"] or "2048"
+    if not bits.isdigit() or not 1024 <= int(bits) <= 8192:
+        raise UsageError("--bits must be a number from 1024 to 8192 (2048 is usual)")
+    name = os.path.join("keys", dkim.key_file_name(selector, domain))
+    path = os.path.join(folder, name)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        value = dkim.make_key(path, algorithm, int(bits))
+    except FileExistsError:
+        raise Error(f"{path} exists: a published key stays until no mail signed with it "
+                    "is on its way; choose a new SELECTOR", code=Exit.CANTCREAT,
+                    temporary=False) from None
+    except OSError as e:
+        raise Error(f"unable to write {e.filename or path}: {e.strerror}",
+                    code=Exit.CANTCREAT) from None
+    _share_with_masq_user(folder, path)
+    st = os.stat(path)
+    if st.st_mode & 0o040:      # system mode: masq-send, as masq, reads it through keys/
+        os.chown(os.path.dirname(path), 0, st.st_gid)
+        os.chmod(os.path.dirname(path), 0o750)
+    print(f"masq-setup: wrote the DKIM key {path}\n"
+          f"Publish this DNS record:\n{dkim.txt_record(selector, domain, value)}\n"
+          f"and add to each [route.NAME] of {folder}/masq.toml that sends mail of {domain}:\n"
+          f'dkim_key = "{name}"\ndkim_selector = "{selector}"\n'
+          f'dkim_domain = "{domain}"\ndkim_algorithm = "{algorithm}"')
+    return Exit.OK
+
+
 def _share_with_masq_user(folder, path):
     """In system mode masq-smtpd runs as the masq user: the file becomes root:masq 0640."""
     conf_file = os.path.join(folder, "masq.toml")
@@ -401,24 +466,71 @@ def password_file(folder):
 
 
 def write_secret(path, password):
-    """The password file, mode 0600 from its creation, replaced atomically."""
-    tmp = f"{path}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """The password file, mode 0600 from its creation, replaced atomically: a str
+    as one line, bytes as they are.  No temporary file is left behind."""
+    data = password if isinstance(password, bytes) else \
+        password.encode("utf-8", "surrogateescape") + b"\n"
+    _write_atomic(path, f"{path}.{os.getpid()}", data, 0o600)
+
+
+def _write_atomic(path, tmp, data, mode):
+    """data into tmp (created with mode), fsynced and renamed to path; tmp removed
+    on any failure."""
     try:
-        os.write(fd, password.encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:             # left by a run that was killed
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
-def write(folder, profile, hostname, mailbox, user, extra=""):
-    """Make the folder; keep files a person may have edited."""
+def import_masqmail(args):
+    """masq-setup import-masqmail: a folder whose masq.toml says what masqmail's did."""
+    from masq import masqmailconf
+    folder = os.path.abspath(args["DIR"])
+    if os.path.exists(os.path.join(folder, "masq.toml")):
+        raise UsageError(f"{folder}/masq.toml exists: import into a new folder")
+    result = masqmailconf.convert(args["MASQMAIL"])
+    # values read out of files (or files others cannot read) stay from others' eyes
+    mode = 0o640 if result.private else 0o666
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, secret in result.secrets.items():     # before the masq.toml naming them
+            write_secret(os.path.join(folder, name), secret)
+        write(folder, "import-masqmail", None, "mbox", _user(), text=result.toml, mode=mode)
+    except OSError as e:
+        raise Error(f"unable to write {e.filename}: {e.strerror}", code=Exit.CANTCREAT) from None
+    for note in result.notes:
+        print(f"masq-setup: {note}")
+    if result.private:
+        print(f"masq-setup: {folder}/masq.toml is mode 0640, not readable by others: it "
+              f"holds what was read from {masqmailconf.escape(', '.join(result.private))}; "
+              "chmod o+r only if anyone may read that")
+    print(f"masq-setup: wrote {folder} from {masqmailconf.escape(result.conf_file)}; check "
+          f"it with masq-setup check {folder}/masq.toml")
+    return Exit.OK
+
+
+def write(folder, profile, hostname, mailbox, user, extra="", text=None, mode=0o666):
+    """Make the folder; keep files a person may have edited.  `text`: the whole
+    masq.toml instead of the profile's, written with `mode` (less the umask), last."""
     os.makedirs(folder, exist_ok=True)
     path = {"maildir": "mail/{user}/", "mbox": "mail/{user}", "mda": "mail/{user}"}[mailbox]
     users = USERS_SYSTEM if profile in OUTSIDE else USERS_ANY
-    _write_new(os.path.join(folder, "masq.toml"), LOCAL_ONLY.format(
-        profile=profile, hostname=hostname, mailbox=mailbox, path=path, users=users) + extra)
     root = f"root: {user}\n" if user != "root" else ""
     _write_new(os.path.join(folder, "aliases"), ALIASES.format(user=user, root=root))
     spool.Spool(os.path.join(folder, "spool")).create()
@@ -433,17 +545,15 @@ def write(folder, profile, hostname, mailbox, user, extra=""):
         if os.path.lexists(link):
             os.unlink(link)
         os.symlink(target, link)
+    _write_new(os.path.join(folder, "masq.toml"), text or LOCAL_ONLY.format(
+        profile=profile, hostname=hostname, mailbox=mailbox, path=path, users=users) + extra,
+        mode)
 
 
-def _write_new(path, text):
+def _write_new(path, text, mode=0o666):
     if os.path.exists(path):
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    _write_atomic(path, path + ".tmp", text.encode(), mode)
 
 
 def _user():

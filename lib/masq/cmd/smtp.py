@@ -1,4 +1,4 @@
-"""masq-smtp: deliver one message over SMTP or LMTP to a smarthost or the recipients' MX.
+"""masq-smtp: deliver one message over SMTP, LMTP or QMTP to a smarthost or the recipients' MX.
 
 Usage:
   masq-smtp [-C FILE] [--route NAME] [--id QID] [--] SENDER RECIPIENT...
@@ -15,10 +15,11 @@ The message comes on stdin with LF line ends; SENDER may be "" (null
 sender).  stdout gets one line per RECIPIENT, in order: "K text" (accepted),
 "Z text" (temporary failure) or "D text" (permanent failure).  Exit 0 once
 every recipient has its line; 100 for bad usage, 111 when it cannot start.
+A route with `pipe` runs its command instead of SMTP (masq-smtp(8)).
 """
 import sys
 
-from masq import Error, clientroute, config, nexthop, program, wiremessage
+from masq import Error, clientroute, config, nexthop, pipe, program, wiremessage
 from masq.outcome import DeliveryError
 
 
@@ -32,8 +33,21 @@ def main(argv=None):
         raise Error(str(e), code=111) from None
     sender, recipients = args["SENDER"], args["RECIPIENT"]
     qid = args["--id"]
+    if pipe.configured(conf, args["--route"]):     # a command instead of SMTP (masq.pipe)
+        results = pipe.send_stream(conf, args["--route"], sender, recipients,
+                                   sys.stdin.buffer, qid)
+        sys.stdout.buffer.write(b"".join(f"{letter} {text}\n".encode("utf-8", "replace")
+                                         for letter, text in results))
+        sys.stdout.flush()
+        return 0
     program.title(f"masq-smtp: {qid or ''} via {route.label}".replace("  ", " "))
     message = wiremessage.WireMessage(sys.stdin.buffer)
+    if route.dkim is not None:          # a bad key: exit 111, the message waits
+        from masq import dkim, log
+        try:
+            message.prepend(route.dkim.sign(b"".join(message.lines()), sender))
+        except dkim.UnsignedError as e:
+            log.warn(str(e))
     results = [None] * len(recipients)
     if route.host or route.wrapper:
         groups = {None: list(range(len(recipients)))}
@@ -48,6 +62,12 @@ def main(argv=None):
                 results[i] = ("D", f"no domain in recipient address {recipients[i]}")
             continue
         try:
+            if (dict(conf.routes).get(args["--route"]) or {}).get("pop_before_smtp"):
+                from masq import pop3   # POP-before-SMTP: only routes that ask load it
+                try:
+                    pop3.login_before_smtp(conf, args["--route"])
+                except Error as e:
+                    raise DeliveryError(f"POP-before-SMTP: {e}") from None
             session = nexthop.connect(conf, route, domain)
         except DeliveryError as e:
             for i in indexes:

@@ -16,6 +16,8 @@ one socket; AUTH PLAIN and LOGIN only after it, against the password file
 or a checkpassword program, with failures counted per client address and
 checks limited over all sessions (masq.anvil).  Deadlines bound a whole
 command line, message and session: a client too slow gets 421.
+A recipient from outside may be refused by a DNS block list or greylisted
+(masq.policy.Guard); too many refused recipients end the session.
 Each message goes to masq-queue in-process, or to the program $MASQ_QUEUE
 names; 250 is said only once it is durable.  When no masq-send daemon
 listens on the spool's trigger, a detached masq-send --once delivers it.
@@ -41,6 +43,10 @@ RECIPIENT_REPLIES = {policy.ACCEPT: smtp.RCPT_OK, policy.BAD_ADDRESS: smtp.BAD_R
 # max_errors counts the client's mistakes; a recipient refused by policy is an
 # answer the client asked for (RFC 5321 section 4.5.3.1.10 on 452), not one
 POLICY_VERDICTS = (policy.RELAY_DENIED, policy.UNKNOWN_USER)
+# the Guard's replies (greylisting, dnsbl) and the cap on refused recipients
+GREYLISTED = "451 4.7.1 <{}>: Recipient address rejected: greylisted, try again in {} seconds"
+LISTED = "554 5.7.1 Service unavailable; client [{}] blocked using {}; {}"
+TOO_MANY_REFUSED = "421 4.7.0 {} Error: too many refused recipients"
 
 
 def main(argv=None):
@@ -112,6 +118,9 @@ class ServerSession:
         self.pending_line = None
         self.client = policy.Client(environ, settings["relay_nets"])
         self.recipients = policy.RecipientPolicy(conf, self.client)
+        self.guard = (policy.Guard(conf, settings, self.client, self.log_line)
+                      if policy.Guard.wanted(settings) else None)
+        self.refused = 0            # recipients refused in the session (max_refused_recipients)
         self.tls = None             # the ssl.SSLSocket after STARTTLS
         self.tls_files = smtpdconfig.tls_files(conf, settings)
         self.starttls_offered = self.tls_files is not None and net.stdio_is_one_socket()
@@ -172,6 +181,8 @@ class ServerSession:
             self.tls = self.reader.tls = None
         if self.anvil is not None:
             self.anvil.close()
+        if self.guard is not None:
+            self.guard.close()
 
     def who(self):
         """The client for the log: its IP, or "local"."""
@@ -311,17 +322,36 @@ class ServerSession:
         if path.lower() == "postmaster":        # RFC 5321 section 4.5.1
             path = f"{path}@{self.host}"
         path = self.recipients.rewrite(path)
+        authenticated = self.auth_user is not None
         try:
-            verdict = self.recipients.verdict(path, self.auth_user is not None)
+            verdict = self.recipients.verdict(path, authenticated)
         except policy.AliasesUnavailableError as e:
             log.warn(str(e))
             self.reply(smtp.ALIASES_UNAVAILABLE, counted=False)     # our fault, not theirs
             return
+        detail = None
+        if verdict == policy.ACCEPT and self.guard is not None:
+            verdict, detail = self.guard.verdict(self.sender, path, authenticated)
+        if verdict in policy.REFUSED:
+            # a client guessing addresses: Postfix's smtpd_hard_error_limit for them
+            self.refused += 1
+            cap = self.settings["max_refused_recipients"]
+            if cap and self.refused > cap:
+                self.log_line(f"too many refused recipients: client={self.who()} "
+                              f"refused={self.refused}")
+                self.reply(TOO_MANY_REFUSED.format(self.host))
+                return False
         if verdict == policy.ACCEPT:
             self.rcpts.append(path)
-        reply = RECIPIENT_REPLIES[verdict]
-        self.reply(reply.format(path) if "{}" in reply else reply,
-                   counted=verdict not in POLICY_VERDICTS)
+        if verdict in (policy.GREYLISTED, policy.DEFERRED):
+            reply = GREYLISTED.format(path, math_ceil(detail))
+        elif verdict == policy.LISTED:
+            reply = LISTED.format(self.client.ip, *detail)
+        else:
+            reply = RECIPIENT_REPLIES[verdict]
+            reply = reply.format(path) if "{}" in reply else reply
+        self.reply(reply, counted=verdict not in POLICY_VERDICTS + (
+            policy.GREYLISTED, policy.LISTED, policy.DEFERRED))
 
     def smtp_DATA(self, arg):
         if arg:
@@ -427,10 +457,20 @@ class ServerSession:
             proto = ("esmtp" if proto == "smtp" else proto) + suffix
         trace = {"proto": proto, "client": self.client.ip, "client_name": self.client.name,
                  "helo": self.helo, "user": self.client.user, "auth": self.auth_user,
-                 "cert": self.client.certificate}
+                 "cert": self.client.certificate, "trusted": self.trusted_by()}
         if len(self.rcpts) == 1:
             trace["for"] = self.rcpts[0]
         return {k: v for k, v in trace.items() if v}
+
+    def trusted_by(self):
+        """What let a client outside relay_nets relay without AUTH: "cert", "relayclient".
+
+        Kept in the spool, so that a failure of its mail is bounced, not taken
+        for mail from outside (attempt.came_from_outside).
+        """
+        if self.client.certificate is not None:
+            return "cert"
+        return "relayclient" if self.client.relayclient is not None else None
 
     def smtp_RSET(self, arg):
         if arg:

@@ -10,7 +10,8 @@ Options:
   -C PERCLIENT  Serve at most PERCLIENT connections at once from one
              client address (IPv6: one /64); refuse more with a 421.
   -m MAXUSE  Let a masq-smtpd child serve up to MAXUSE connections, one
-             after another, before it exits [default: 1].
+             after another, before it exits; 1: a process per
+             connection [default: 100].
   -u USER    Once listening, become USER (a name or a number).
   -g GROUP   With -u: become GROUP too (a name or a number; default:
              USER's group in the passwd file).
@@ -21,12 +22,18 @@ Options:
 ucspi-tcp compatible: each connection's socket is the program's fd 0 and
 fd 1, and PROTO=TCP, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT
 describe it (tcp-environ(5); no DNS, so TCPREMOTEHOST is unset).  HOST is an
-IPv4 or IPv6 address, 0 for every IPv4 address, :: for every address.  When
+IPv4 or IPv6 address, 0 for every IPv4 address, :: for every address; when
+systemd passes a listening socket (a .socket unit with Accept=no,
+sd_listen_fds(3)), that socket is served and HOST PORT are not bound.  When
 PROGRAM is masq-smtpd, its code runs in a forked child of this process
-instead of a fresh Python; with -m, such a child waits (up to IDLE_SECONDS)
-for another connection after each session, as Postfix's max_use lets an
-smtpd process do, saving the fork and exit per connection; each session
-still gets a fresh environment.  A connection beyond -C gets
+instead of a fresh Python, and such a child waits (up to IDLE_SECONDS)
+for another connection after each session, up to MAXUSE sessions, as
+Postfix's max_use lets an smtpd process do, saving the fork and exit per
+connection; each session still gets a fresh environment and a fresh
+session state.  The children waiting take the connections themselves (the
+listener accepts only while none waits), and when the last one waiting
+takes one, the listener forks a spare, so that no client waits for a fork.
+A connection beyond -C gets
 `421 4.7.0` from the listener itself (or from the -m child that took it,
 after asking the listener), and is closed.  With -u, started as root, it binds the port,
 then drops to USER and GROUP with no supplementary groups, before loading
@@ -48,10 +55,13 @@ import time
 from masq import Error, net, program
 from masq.program import Exit
 
-IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd"}
+IN_PROCESS = {"masq-smtpd": "masq.cmd.smtpd", "masq-qmtpd": "masq.cmd.qmtpd"}
 BACKLOG = 64
+SD_LISTEN_FDS_START = 3         # the first socket systemd passes (sd_listen_fds(3))
 ACCEPT_PAUSE_SECONDS = 0.5      # after accept fails (EMFILE...), listen again after this
 IDLE_SECONDS = 10               # with -m: a child waits this long for its next connection
+MAXUSE = 100                    # -m: sessions per child, as Postfix's max_use
+STATUS_BYTES = 11               # a child's word to the listener: b"i" or b"b", then its pid
 ASK_SECONDS = 10                # with -m and -C: a child waits this long for the listener
 V6_PREFIX_BITS = 64             # one IPv6 client: a /64 is one site's, as Postfix counts
 TOO_MANY = b"421 4.7.0 Error: too many connections from your address\r\n"
@@ -64,7 +74,7 @@ def main(argv=None):
     per_client = _positive(args["-C"], "-C") if args["-C"] is not None else None
     argv = args["PROGRAM"]
     ids = _ids(args["-u"], args["-g"])
-    sock = listen(args["HOST"], args["PORT"])
+    sock = inherited() or listen(args["HOST"], args["PORT"])
     if ids is not None:
         from masq import privilege
         privilege.become(*ids)
@@ -93,7 +103,7 @@ def parse(argv):
         opts, rest = getopt.getopt(argv, "c:C:m:u:g:U1h", ["help"])
     except getopt.GetoptError as e:
         raise Error(f"{e}: see masq-tcpserver --help", code=Exit.USAGE, temporary=False) from None
-    args = {"-c": "40", "-C": None, "-m": "1", "-1": False, "-u": None, "-g": None}
+    args = {"-c": "40", "-C": None, "-m": str(MAXUSE), "-1": False, "-u": None, "-g": None}
     for name, value in opts:
         if name in ("-h", "--help"):
             program.parse(__doc__, ["--help"])
@@ -149,6 +159,34 @@ def _in_process(argv):
     module = importlib.import_module(module_name)
     module.preload(argv[1:])
     return module.main
+
+
+def inherited():
+    """The listening socket systemd passed (sd_listen_fds(3): fd 3), or None.
+
+    A masq-smtpd.socket unit with Accept=no: the port is systemd's, and
+    HOST PORT are not bound.  LISTEN_* are not passed on to the sessions.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
+        return None
+    count = os.environ["LISTEN_FDS"]
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count != "1":
+        raise Error(f"systemd passed {count} sockets: give masq-tcpserver one",
+                    code=Exit.USAGE, temporary=False)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise Error(f"the socket systemd passed is unusable: {e.strerror}",
+                    code=Exit.TEMPORARY) from None
+    if not listening or sock.type != socket.SOCK_STREAM:
+        raise Error("the socket systemd passed is no listening stream socket: "
+                    "use ListenStream= and Accept=no", code=Exit.USAGE, temporary=False)
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
 
 
 def listen(host, port):
@@ -245,32 +283,77 @@ def _client_key(ip):
 
 
 def serve(sock, argv, limit, runner, maxuse=1, per_client=None):
-    """Accept until SIGTERM, at most `limit` children at once; reap them."""
+    """Accept until SIGTERM, at most `limit` children at once; reap them.
+
+    With children that serve several connections (-m), the listener accepts
+    only while no child waits for one: each child says on the status pipe
+    when it starts to wait (b"i") and when it has taken a connection (b"b").
+    When the last child waiting takes one, a spare is forked to wait in its
+    place: a new connection finds a process ready, not a fork to wait for.
+    """
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    reuse = maxuse > 1 and runner is not None
     # children that serve several connections watch this pipe: at its EOF
     # (the listener stopped or died) they stop waiting for connections
-    alive_r, alive_w = os.pipe2(os.O_CLOEXEC) if maxuse > 1 else (None, None)
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC) if reuse else (None, None)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC) if reuse else (None, None)
+    if status_r is not None:
+        os.set_blocking(status_r, False)
     stop = []
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     children = set()
+    idle = set()                # children waiting for a connection (status "i")
     clients = Clients(per_client) if per_client else None
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
+    if status_r is not None:
+        poller.register(status_r, select.POLLIN)
     listening = False
     gc.collect()
     gc.freeze()         # a child's collections skip the listener's objects: less copy-on-write
     program.title(f"masq-tcpserver {sock.getsockname()[0]} {sock.getsockname()[1]}")
     resume = 0.0            # after EMFILE: do not accept before this (monotonic)
+    spare = False           # a child took a connection: is one left waiting?
+
+    def fork(conn, ip):
+        """A child for this connection, or a spare (conn None) that waits for one."""
+        mine = theirs = None
+        if clients and reuse:       # a -m child asks before it serves
+            mine, theirs = (s.detach() for s in socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET))
+            os.set_blocking(mine, False)
+        close = [fd for fd in (wake_r, wake_w, alive_w, status_r, mine) if fd is not None]
+        close += list(clients.channels) if clients else []
+        pid = _start(conn, sock, argv, runner, close, alive_r, maxuse, theirs, status_w)
+        if theirs is not None:
+            os.close(theirs)
+        if pid > 0:
+            children.add(pid)
+            if conn is None:
+                idle.add(pid)       # it waits from its first instant
+            elif clients:
+                clients.take(pid, ip)
+            if mine is not None:
+                clients.channels[mine] = pid
+                poller.register(mine, select.POLLIN)
+        elif mine is not None:
+            os.close(mine)
+        return pid
+
     while not stop:
         for pid in _reap(children):
+            idle.discard(pid)
             for fd in clients.forget(pid) if clients else ():
                 poller.unregister(fd)
                 os.close(fd)
                 del clients.channels[fd]
-        want = len(children) < limit and time.monotonic() >= resume
+        if spare and not idle and len(children) < limit and not stop:
+            fork(None, None)        # every child is busy: one more waits for the next
+        spare = False
+        want = len(children) < limit and time.monotonic() >= resume and not idle
         if want != listening:
             listening = want
             if listening:
@@ -285,12 +368,14 @@ def serve(sock, argv, limit, runner, maxuse=1, per_client=None):
                         pass
                 except BlockingIOError:
                     pass
+            elif fd == status_r:
+                spare = _read_status(status_r, children, idle) or spare
             elif clients and fd in clients.channels:
                 if not clients.answer(fd):
                     poller.unregister(fd)
                     os.close(fd)
                     clients.release(clients.channels.pop(fd))
-            elif not stop and len(children) < limit:
+            elif fd == sock.fileno() and listening and not stop and len(children) < limit:
                 try:
                     conn, _ = sock.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -304,25 +389,7 @@ def serve(sock, argv, limit, runner, maxuse=1, per_client=None):
                     _refuse(conn)
                     conn.close()
                     continue
-                mine = theirs = None
-                if clients and alive_r is not None:     # a -m child asks before it serves
-                    mine, theirs = (s.detach() for s in socket.socketpair(
-                        socket.AF_UNIX, socket.SOCK_SEQPACKET))
-                    os.set_blocking(mine, False)
-                close = [fd for fd in (wake_r, wake_w, alive_w, mine) if fd is not None]
-                close += list(clients.channels) if clients else []
-                pid = _start(conn, sock, argv, runner, close, alive_r, maxuse, theirs)
-                if theirs is not None:
-                    os.close(theirs)
-                if pid > 0:
-                    children.add(pid)
-                    if clients:
-                        clients.take(pid, ip)
-                    if mine is not None:
-                        clients.channels[mine] = pid
-                        poller.register(mine, select.POLLIN)
-                elif mine is not None:
-                    os.close(mine)
+                spare = fork(conn, ip) > 0 and reuse
                 conn.close()
     # shutdown, not only close: a -m child holds a copy of this socket, and the
     # port must stop listening now, not when that child's session ends
@@ -331,9 +398,36 @@ def serve(sock, argv, limit, runner, maxuse=1, per_client=None):
     except OSError:
         pass
     sock.close()
-    for fd in (alive_w, alive_r, *(clients.channels if clients else ())):
+    for fd in (alive_w, alive_r, status_r, status_w, *(clients.channels if clients else ())):
         if fd is not None:
             os.close(fd)
+
+
+def _read_status(fd, children, idle):
+    """What the children said on the status pipe; True when one took a connection."""
+    try:
+        data = os.read(fd, STATUS_BYTES * 256)
+    except BlockingIOError:
+        return False
+    busy = False
+    for at in range(0, len(data) - STATUS_BYTES + 1, STATUS_BYTES):
+        word, pid = data[at:at + 1], int(data[at + 1:at + STATUS_BYTES])
+        if word == b"i" and pid in children:
+            idle.add(pid)
+        else:
+            idle.discard(pid)
+            busy = True
+    return busy
+
+
+def _tell(status, word):
+    """Say to the listener that this child waits (b"i") or serves (b"b"); one
+    write of less than PIPE_BUF bytes, so the children's words never mix."""
+    if status is not None:
+        try:
+            os.write(status, word + b"%010d" % os.getpid())
+        except OSError:
+            pass
 
 
 def _reap(children):
@@ -362,8 +456,9 @@ def _refuse(conn):
         pass
 
 
-def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None):
-    """Fork a child with the connection on fds 0 and 1; return its pid."""
+def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None, status=None):
+    """Fork a child with the connection on fds 0 and 1 (None: a spare that
+    waits for its first connection); return its pid."""
     try:
         pid = os.fork()
     except OSError as e:
@@ -392,10 +487,17 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None):
             sys.argv = list(argv)
             environ = dict(os.environ)
             maxuse = maxuse if alive is not None else 1
-            for served in range(1, maxuse + 1):
-                os.environ.clear()
-                os.environ.update(environ)
+            waiting = _Waiting(sock, alive) if alive is not None else None
+            for _ in range(maxuse):
+                if conn is None:
+                    _tell(status, b"i")
+                    conn = _next_connection(waiting, channel)
+                    if conn is None:
+                        break
+                    _tell(status, b"b")
+                _restore_environ(environ)
                 _place(conn)
+                conn = None
                 code = program.run(runner, argv[1:])
                 if channel is not None:
                     _ask(channel, b"-")     # counted down before the client sees the end
@@ -404,11 +506,6 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None):
                 # keeps fds 0 and 1 taken, so the next accept cannot land there
                 _release_connection()
                 _cancel_alarm()
-                if served == maxuse or alive is None:
-                    break
-                conn = _next_connection(sock, alive, channel)
-                if conn is None:
-                    break
     except BaseException:  # noqa: BLE001 -- a child must never return into the loop
         pass
     finally:
@@ -417,6 +514,17 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None):
         except (OSError, ValueError):
             pass
         os._exit(code if isinstance(code, int) else Exit.TEMPORARY)
+
+
+def _restore_environ(environ):
+    """os.environ as the listener had it: what a session added goes, what it
+    changed comes back (only those: a whole clear and update costs more than
+    the session's own work with a few dozen variables)."""
+    for name in [n for n in os.environ if n not in environ]:
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _place(conn):
@@ -447,31 +555,55 @@ def _ask(channel, question):
         return b""
 
 
-def _next_connection(sock, alive, channel=None):
+class _Waiting:
+    """What a -m child waits on between sessions: the listening socket, and the
+    listener's pipe.  With EPOLLEXCLUSIVE the kernel wakes one waiting child
+    per connection, not all of them (the others would find nothing to accept)."""
+
+    def __init__(self, sock, alive):
+        self.sock, self.alive = sock, alive
+        self.poller = select.epoll()
+        self.poller.register(sock, select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+        self.poller.register(alive, select.EPOLLIN)
+
+    def wait(self, seconds):
+        """"conn", "gone" (the listener stopped) or "" (nothing within seconds)."""
+        events = [fd for fd, _ in self.poller.poll(seconds)]
+        if self.alive in events:
+            return "gone"
+        return "conn" if events else ""
+
+
+def _next_connection(waiting, channel=None):
     """Wait for the next connection on the listening socket; None to stop.
 
     With a channel (-C), a connection the listener says is one too many
     from its client gets the 421 and is closed here.
     """
-    deadline_polls = IDLE_SECONDS
-    while deadline_polls > 0:
-        ready, _, _ = select.select([sock, alive], [], [], 1.0)
-        if alive in ready:
+    deadline = time.monotonic() + IDLE_SECONDS
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        what = waiting.wait(left)
+        if what == "gone":
             return None             # the listener is gone: stop at once
-        if sock in ready:
+        if what == "conn":
             try:
-                conn, peer = sock.accept()
+                conn, peer = waiting.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue            # another process took it
             except OSError:
                 return None
-            if channel is not None and _ask(channel, b"+" + _ip(peer[0]).encode()) == b"n":
-                _refuse(conn)
-                conn.close()
-                continue
+            if channel is not None:
+                answer = _ask(channel, b"+" + _ip(peer[0]).encode())
+                if answer != b"y":      # too many, or no word from the listener: refused
+                    _refuse(conn)
+                    conn.close()
+                    if answer != b"n":
+                        return None     # the listener is gone or stuck: this child stops
+                    continue
             return conn
-        deadline_polls -= 1
-    return None
 
 
 def _cancel_alarm():
