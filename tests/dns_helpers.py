@@ -4,7 +4,8 @@ serving test zones.
 bl.test lists 127.0.0.1 and 2001:db8::7 (A 127.0.0.2 and, for 127.0.0.1, a
 TXT reason), wl.test lists 127.0.0.1, broken.test answers 127.0.0.1 with an
 error code, and every other name under .test is NXDOMAIN (clean.test lists
-nobody).  A test module uses the fixture with `from dns_helpers import dns`.
+nobody).  A test module uses the fixture with `from dns_helpers import dns`;
+one that needs other records starts its own server with start(records).
 """
 import os
 import shutil
@@ -37,34 +38,40 @@ def free_port():
             return port
 
 
-@pytest.fixture(scope="module")
-def dns():
-    """dnsmasq on 127.0.0.1 with the test zones; "127.0.0.1:port"."""
+def start(records):
+    """dnsmasq on 127.0.0.1 answering for .test from these records (dnsmasq
+    options), NXDOMAIN for the rest: (its Popen, "127.0.0.1:port"); stop() it."""
     if not os.path.exists(DNSMASQ):
         pytest.skip("dnsmasq is not installed (Debian package dnsmasq-base)")
     for _ in range(5):
         port = free_port()
         argv = [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon",
                 "--log-facility=-", "--pid-file=", "--listen-address=127.0.0.1",
-                "--bind-interfaces", f"--port={port}", "--local=/test/", *RECORDS]
+                "--bind-interfaces", f"--port={port}", "--local=/test/", *records]
         if os.geteuid() == 0:
             argv.append("--user=root")
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        started = False
         for line in p.stderr:           # readiness: "started" once it listens
             if b"failed" in line.lower() or b"error" in line.lower():
                 break
             if b"started" in line:
-                started = True
-                break
-        if started:
-            yield f"127.0.0.1:{port}"
-            p.terminate()
-            p.wait(10)
-            reap(p)
-            return
+                return p, f"127.0.0.1:{port}"
         reap(p)
     pytest.fail("dnsmasq would not start")
+
+
+def stop(p):
+    p.terminate()
+    p.wait(10)
+    reap(p)
+
+
+@pytest.fixture(scope="module")
+def dns():
+    """dnsmasq on 127.0.0.1 with the test zones; "127.0.0.1:port"."""
+    p, server = start(RECORDS)
+    yield server
+    stop(p)
 
 
 def configure(masq, dns_server, smtpd):

@@ -115,6 +115,69 @@ def test_masq_send_killed_during_maildir_delivery_delivers_everything_at_most_tw
     assert max(counts.values()) <= 2
 
 
+# masq-send's group commit (masq.attempt): maildir deliveries are linked into
+# new/, and their outcomes recorded only after one fsync of new/ for the group.
+# These run a queue run in a process whose FolderSync.sync is replaced: by a
+# kill -9 at the moment of the group's fsync (the widest point of the window
+# between the links and the records), or by an fsync that fails.
+RUN_WITH_SYNC = """
+import errno, os, signal, sys
+from masq import config, log, mailbox, spool
+from masq.cmd import send
+conf = config.load(None)
+log.setup(conf)
+real = mailbox.FolderSync.sync
+def killed(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+def failing(self):
+    def eio(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    fsync, os.fsync = os.fsync, eio
+    try:
+        return real(self)
+    finally:
+        os.fsync = fsync
+mailbox.FolderSync.sync = {"kill": killed, "fail": failing}[sys.argv[1]]
+send.run_once(conf, spool.Spool(conf.path("spool")))
+"""
+GROUP_COUNT = 60
+
+
+def test_masq_send_killed_at_the_group_fsync_of_new_records_nothing_and_delivers_again(masq):
+    import sys
+
+    from masq import attempt
+    queue_many(masq, GROUP_COUNT, "gc")
+    r = masq.run([sys.executable, "-c", RUN_WITH_SYNC, "kill"])
+    assert r.rc == -signal.SIGKILL, r
+    before = delivered_counts(masq.maildir("bob"))
+    # the first group is linked into new/; not one outcome was recorded
+    assert 1 <= len(before) <= attempt.GROUP_MESSAGES, before
+    assert len(masq.queue_ids()) == GROUP_COUNT
+    masq.run(["masq-send", "--once"]).ok()
+    assert masq.queue_ids() == []
+    counts = delivered_counts(masq.maildir("bob"))
+    assert set(counts) == {f"gc {i}" for i in range(GROUP_COUNT)}
+    # at most one duplicate, and only of what was linked before the kill
+    assert {k for k, n in counts.items() if n == 2} == set(before)
+    assert max(counts.values()) == 2
+
+
+def test_a_failed_group_fsync_of_new_defers_the_deliveries_and_they_go_again(masq):
+    import sys
+    queue_many(masq, GROUP_COUNT, "ef")
+    masq.run([sys.executable, "-c", RUN_WITH_SYNC, "fail"]).ok()
+    assert len(masq.queue_ids()) == GROUP_COUNT          # deferred, none recorded done
+    assert "unable to fsync" in masq.log() and "status=deferred" in masq.log()
+    assert "status=sent" not in masq.log()
+    assert len(delivered_counts(masq.maildir("bob"))) == GROUP_COUNT
+    masq.run(["masq-send", "--once"]).ok()
+    assert masq.queue_ids() == []
+    counts = delivered_counts(masq.maildir("bob"))
+    assert set(counts) == {f"ef {i}" for i in range(GROUP_COUNT)}
+    assert set(counts.values()) == {2}      # each went twice: never reported unsynced
+
+
 def test_masq_send_killed_during_mbox_delivery_never_leaves_half_a_message(masq):
     masq.use_mailbox("mbox")
     rng = random.Random(3)

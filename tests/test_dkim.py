@@ -287,3 +287,9 @@ def test_one_signature_per_message_and_route(tmp_path):
         assert b"".join(message.chunks()) == \
             b"DKIM-Signature: v=1; b=x\r\nFrom: a@example.org\r\n\r\nhi\r\n.\r\n"
         assert message.size == len(b"DKIM-Signature: v=1; b=x\r\nFrom: a@example.org\r\n\r\nhi\r\n")
+
+    class Next:
+        id = "q2"
+    again = wiremessage.WireMessage(io.BytesIO(b"From: a@example.org\n\nagain\n"))
+    run_.sign("direct", Signer(), Next(), again, "a@example.org")
+    assert len(calls) == 2 and run_.signature[0] == ("q2", "direct")    # one kept, not all

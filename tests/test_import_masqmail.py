@@ -291,6 +291,20 @@ def test_unreadable_route_file_is_named(tmp_path):
     assert "gone.route: route file not read: No such file or directory" in said
 
 
+@pytest.mark.parametrize("wrapper, server, tls", [
+    ('openssl s_client -quiet -connect pop.isp.example:995 2>/dev/null',
+     "pop.isp.example:995", "pop3s"),
+    # an open quote: not a tunnel masq can read, so not carried over (no crash)
+    ('openssl s_client -connect \\"pop:995', "pop.isp.example:110", "stls")])
+def test_a_get_files_wrapper_is_read_as_a_route_files_is(tmp_path, wrapper, server, tls):
+    get = data_file("laptop", "isp.get") + f'wrapper = "{wrapper}"\n'.encode()
+    source = laptop_copy(tmp_path, files={"isp.get": get})
+    folder, conf, said = imported(tmp_path, source)
+    account = conf["route"]["isp"]["fetch"][0]
+    assert (account["server"], account["tls"]) == (server, tls)
+    assert ("wrapper: not carried over: masq-fetch does POP3S" in said) == (tls == "stls"), said
+
+
 def test_parse_reads_as_masqmail_does():
     text = ('# comment\nhost_name = host.example  # trailing\n'
             'a="quoted \\"x\\" ; y" rest ignored\n'

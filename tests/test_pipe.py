@@ -368,6 +368,28 @@ def test_masq_smtp_with_a_pipe_route_runs_the_command(laptop):
     assert job["argv"] == ["alice@laptop.example", "bob@uucp.example", "carol@uucp.example"]
 
 
+def test_a_sender_without_a_domain_has_an_empty_sender_domain(laptop):
+    """SENDER_DOMAIN is the sender's domain (masq.address.split), never the whole sender."""
+    masq, gw = laptop
+    pipe_route(masq, f"{gw.path} {{rcpt}}")
+    for sender in ("alice", "alice@laptop.example"):
+        run([os.path.join(BIN, "masq-smtp"), "--route", "uucp", "--", sender,
+             "bob@uucp.example"], input=MESSAGE, env=masq.env()).ok()
+    [(_, bare), (_, full)] = gw.jobs()
+    assert [(job["env"]["SENDER_LOCAL"], job["env"]["SENDER_DOMAIN"]) for job in (bare, full)] \
+        == [("alice", ""), ("alice", "laptop.example")]
+
+
+def test_a_command_that_does_not_parse_defers_every_message_of_the_run(laptop):
+    masq, gw = laptop
+    pipe_route(masq, f'{gw.path} "{{rcpt}}')     # a quote never closed
+    send(masq, "bob@uucp.example")
+    send(masq, "carol@uucp.example")
+    cmd(masq, "runq").ok()
+    assert len(masq.queue_ids()) == 2 and gw.jobs() == []
+    assert cmd(masq, "mailq").ok().out.count(b"[route.uucp] pipe does not parse") == 2
+
+
 def test_a_missing_command_defers_or_bounces_with_connect_error_fail(laptop, tmp_path):
     masq, _ = laptop
     pipe_route(masq, str(tmp_path / "nowhere") + " {rcpt}")

@@ -18,6 +18,7 @@ import time
 import dns_helpers
 import pytest
 from conftest import BIN, Masq, listen_trigger, reap, run
+from queue_helpers import offline, queued_for
 from smtpd_helpers import spool_messages, tmp_files
 
 from masq import qmtp
@@ -453,23 +454,6 @@ def test_a_masq_queue_hook_gets_the_message_and_its_envelope(server, tmp_path):
 LOOP = b"Delivered-To: bob@lan.example\nSubject: hi\n\nbuy now\n"
 
 
-def offline(masq):
-    """No route is up: a bounce to elsewhere stays in the queue to be seen."""
-    edit(masq, 'detect = "always"', 'detect = "file"')
-    with open(masq.conf, "a") as f:
-        f.write('\n[route.isp]\nhost = "smtp.isp.example:587"\n')
-
-
-def queued_for(masq, rcpt):
-    found = []
-    for stage in ("incoming", "active", "hold"):
-        for qid in masq.queue_ids(stage):
-            with open(os.path.join(masq.spool, stage, qid), "rb") as f:
-                if b"\nrcpt " + rcpt.encode() + b"\n" in f.read():
-                    found.append(qid)
-    return found
-
-
 def test_a_loop_from_a_stranger_over_qmtp_is_dropped_not_bounced(server):
     offline(server)
     r = qmtpd(server, package(LOOP, sender=b"victim@example.net"), TCPREMOTEIP="203.0.113.5")
@@ -568,10 +552,17 @@ def test_malformed_netstrings_are_refused(bad):
 
 def test_the_client_sends_lf_lines_and_says_their_length():
     import io
-    body = qmtp.Body(io.BytesIO(b"a\r\nb\rc\n" + b"d" * 70000 + b"\r"))
+
+    from masq import wiremessage
+    message = wiremessage.WireMessage(io.BytesIO(b"a\r\nb\rc\n" + b"d" * 70000 + b"\r"))
+    body = qmtp.Body(message)
     data = b"".join(body.chunks())
     assert data == b"a\nb\nc\n" + b"d" * 70000 + b"\n"
     assert body.length == len(data)
+    message.prepend(b"DKIM-Signature: v=1\n")      # what goes in front is counted too
+    body = qmtp.Body(message)
+    data = b"".join(body.chunks())
+    assert data.startswith(b"DKIM-Signature: v=1\na\n") and body.length == len(data)
 
 
 # -- a large message: memory stays bounded on both sides ------------------------

@@ -1,10 +1,9 @@
 """masq-smtp against real servers on loopback: aiosmtpd, a sink, dnsmasq, socat, openssl."""
 import io
 import os
-import shutil
 import socket
-import subprocess
 
+import dns_helpers
 import pytest
 from smtp_helpers import AioServer, Recorder, Sink, authenticator, tls_contexts, top_config
 
@@ -566,57 +565,18 @@ def test_unknown_route_exits_111(masq):
 
 # -- direct delivery by MX, with dnsmasq on loopback ------------------------------------
 
-DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-
-
 @pytest.fixture
-def dns(tmp_path):
-    """Start dnsmasq on 127.0.0.1 with the records given; yield "127.0.0.1:port"."""
-    if not os.path.exists(DNSMASQ):
-        pytest.skip("dnsmasq is not installed (Debian package dnsmasq-base)")
+def dns():
+    """start(*records): dnsmasq on 127.0.0.1 with these records; "127.0.0.1:port"."""
     procs = []
 
     def start(*records):
-        for _ in range(5):
-            port = free_udp_and_tcp_port()
-            argv = [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                    "--no-daemon", "--log-facility=-", "--pid-file=",
-                    "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}",
-                    "--local=/test/", *records]
-            if os.geteuid() == 0:
-                argv.append("--user=root")
-            p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # readiness: dnsmasq logs "started" once it listens (and dies if it cannot)
-            started = False
-            for line in p.stderr:
-                if b"failed" in line.lower() or b"error" in line.lower():
-                    break
-                if b"started" in line:
-                    started = True
-                    break
-            if started:
-                procs.append(p)
-                return f"127.0.0.1:{port}"
-            p.kill()
-            p.wait()
-        pytest.fail("dnsmasq would not start")
+        p, server = dns_helpers.start(records)
+        procs.append(p)
+        return server
     yield start
     for p in procs:
-        p.terminate()
-        p.wait(10)
-
-
-def free_udp_and_tcp_port():
-    """A port free on 127.0.0.1 for both UDP and TCP (dnsmasq binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        dns_helpers.stop(p)
 
 
 def loopback_servers(servers, hosts):

@@ -3,8 +3,9 @@
 Postfix's anvil and fail2ban, built in, with no daemon: many masq-smtpd
 processes, one per connection, share two things in the spool.
 
-spool/anvil.db, a sqlite3 database (WAL: readers never wait for a writer;
-each change one short IMMEDIATE transaction), one row per client address:
+spool/anvil.db, a sqlite3 database made 0600 (masq.sqlstore; WAL: readers
+never wait for a writer; each change one short IMMEDIATE transaction), one
+row per client address:
 
     address   the client's IP, or "local"
     failures  password checks begun and not passed since `since`
@@ -83,21 +84,12 @@ class Anvil:
         return self.db
 
     def _transaction(self, work):
-        """Run work(db) in one IMMEDIATE transaction; its result."""
-        import sqlite3
-        db = self._open()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-        except sqlite3.Error as e:
-            raise AnvilError(f"{self.path}: {e}; it holds no mail: remove it if it "
-                             "is damaged") from None
+        """Run work(db) in one IMMEDIATE transaction (masq.sqlstore); its result."""
+        from masq import sqlstore
+        return sqlstore.transaction(self._open(), work, self._error)
+
+    def _error(self, e):
+        return AnvilError(f"{self.path}: {e}; it holds no mail: remove it if it is damaged")
 
     def locked(self, address, now=None):
         """Seconds the address stays locked out (0: it may try)."""

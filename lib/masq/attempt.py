@@ -17,16 +17,27 @@ each outcome (runq -v) and the run's progress on stderr.
 
 A Run is the attempts of one queue run; it keeps the ids of the bounces and
 warnings it queued, so that runq can send them in the same run.
+
+Group commit (in-process local delivery only): a maildir delivery leaves
+the fsync of new/ to the Run (mailbox.FolderSync), which finishes the
+messages delivered locally only after a group of up to GROUP_MESSAGES of
+them, or GROUP_SECONDS, then fsyncs each folder once, then records each
+outcome.  finish() always syncs first, so no outcome is recorded before the
+deliveries it reports are durable; a folder whose fsync fails makes its
+messages' local deliveries deferred (tried again: a duplicate at worst).
 """
 import io
 import os
 import time
 
-from masq import Error, bounce, deliverer, envelope, handoff, headers, log, net, program, route
+from masq import Error, bounce, deliverer, envelope, handoff, headers, log, mailbox, net
+from masq import program, route
 from masq import outcome, spool
 
 BUSY_RETRY_SECONDS = 60         # a message another process holds is due again after this
 BATCH_MESSAGES = 256            # messages held locked at once while routes deliver them
+GROUP_MESSAGES = 50             # local deliveries finished after one fsync of their folders
+GROUP_SECONDS = 0.05            # ... or after this long, whichever comes first
 BUSY = object()                 # Run.plan(): another process holds the message
 OUTSIDE_PROTOS = ("smtp", "esmtp", "utf8smtp", "qmtp")  # trace proto, RFC 3848's s and a
 NOT_BOUNCED = "from outside, not bounced"
@@ -68,12 +79,19 @@ class Plan:
             self.outcomes.append((word, i, text, relay))
         return again
 
+    def not_durable(self, reason):
+        """The local deliveries' folder was not fsynced: they are deferred, not done."""
+        self.outcomes = [("deferred", i, f"{text}, but {reason}", relay)
+                         if (word, relay) == ("done", "local") else (word, i, text, relay)
+                         for word, i, text, relay in self.outcomes]
+
 
 class Run:
     """The attempts of one queue run.
 
     Local recipients are delivered in this thread, as soon as their message
-    is planned.  The route groups of up to BATCH_MESSAGES messages, still
+    is planned; a message with local recipients only is finished with its
+    group (GROUP_MESSAGES).  The route groups of up to BATCH_MESSAGES messages, still
     locked, go to the relay, which sends them in its threads and calls back
     in this one as each message's last group is answered: every outcome is
     recorded by this thread, under the message's lock.
@@ -86,34 +104,65 @@ class Run:
         self.local = deliverer.choose(conf)
         self.needs_from = _needs_from(conf)
         self.queued = []            # ids of the bounces and warnings queued, not yet taken
+        # masq-local in this process: its maildir deliveries' new/ fsyncs are grouped
+        self.folders = mailbox.FolderSync() if isinstance(self.local, deliverer.InProcess) \
+            else None
+        self.not_durable = {}       # qid -> why its local deliveries are not durable
 
     def run(self, messages):
         """Try each message once; {qid: when it is due next, or None}."""
-        due, held = {}, []
-        for msg in messages:
-            if self.stopping():
-                break
-            try:
-                plan = self.plan(msg)
-                if plan is BUSY:        # another process has it now: look again later
-                    due[msg.id] = time.time() + BUSY_RETRY_SECONDS
-                elif plan is None:      # gone: delivered or removed meanwhile
-                    due[msg.id] = None
-                elif plan.remote:
-                    held.append(plan)
-                else:
-                    due[msg.id] = self.finish(plan)
-            except Error as e:
-                log.warn(f"{msg.id}: {e}")
-                due[msg.id] = time.time() + self.conf.get("queue.retry_min")
-            if self.report and msg.id in due:
-                self.report.finished()
-            if len(held) >= BATCH_MESSAGES:
-                self.deliver_remote(held, due)
-                held = []
+        due, held, group = {}, [], []
+        started = 0.0               # when the group's first delivery was made
+        try:
+            for msg in messages:
+                if self.stopping():
+                    break
+                try:
+                    plan = self.plan(msg)
+                    if plan is BUSY:        # another process has it now: look again later
+                        due[msg.id] = time.time() + BUSY_RETRY_SECONDS
+                    elif plan is None:      # gone: delivered or removed meanwhile
+                        due[msg.id] = None
+                    elif plan.remote:
+                        held.append(plan)
+                    elif self.folders is not None and self.folders.owed:
+                        if not group:
+                            started = time.monotonic()
+                        group.append(plan)  # finished after its folders' fsync
+                    else:
+                        due[msg.id] = self.finish(plan)
+                except Error as e:
+                    log.warn(f"{msg.id}: {e}")
+                    due[msg.id] = time.time() + self.conf.get("queue.retry_min")
+                if self.report and msg.id in due:
+                    self.report.finished()
+                if group and (len(group) >= GROUP_MESSAGES
+                              or time.monotonic() - started >= GROUP_SECONDS):
+                    self.finish_group(group, due)
+                    group = []
+                if len(held) >= BATCH_MESSAGES:
+                    self.deliver_remote(held, due)
+                    held = []
+            self.finish_group(group, due)
+            group = []
+        finally:
+            for plan in group:      # a bug or an interrupt: nothing recorded, tried again
+                plan.msg.unlock()
         if held:
             self.deliver_remote(held, due)
         return due
+
+    def finish_group(self, plans, due):
+        """Finish these messages delivered locally: one fsync per folder, then each record."""
+        for plan in plans:
+            due[plan.msg.id] = self.finish_safely(plan)
+            if self.report:
+                self.report.finished()
+
+    def sync(self):
+        """fsync the folders owed (group commit); note the messages whose fsync failed."""
+        if self.folders is not None and self.folders.owed:
+            self.not_durable.update(self.folders.sync())
 
     def plan(self, msg):
         """Lock, read and decide one message; local recipients are delivered now.
@@ -145,8 +194,14 @@ class Run:
                 else:
                     plan.outcomes.append(("failed", i, d.reason, "none"))
             if local:
-                plan.add(local, self.local.deliver(msg, [msg.recipients[i] for i in local]),
-                         "local")
+                if self.folders is not None:
+                    self.folders.label = msg.id
+                    mailbox.deferred = self.folders     # new/'s fsync is owed to sync()
+                try:
+                    results = self.local.deliver(msg, [msg.recipients[i] for i in local])
+                finally:
+                    mailbox.deferred = None
+                plan.add(local, results, "local")
             return plan
         except BaseException:
             msg.unlock()
@@ -169,8 +224,15 @@ class Run:
             return time.time() + self.conf.get("queue.retry_min")
 
     def finish(self, plan):
-        """Record the outcomes of one attempt, bounce, unlock; the next due time."""
+        """Record the outcomes of one attempt, bounce, unlock; the next due time.
+
+        The folders the local deliveries went into are fsynced first (sync()).
+        """
         try:
+            self.sync()
+            reason = self.not_durable.pop(plan.msg.id, None)
+            if reason:
+                plan.not_durable(reason)
             return self._finish(plan)
         finally:
             plan.msg.unlock()
@@ -280,6 +342,8 @@ class Run:
         return taken
 
     def close(self):
+        if self.folders is not None:
+            self.folders.close()
         self.relay.close()
 
 

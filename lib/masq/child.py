@@ -17,16 +17,33 @@ COPY_BYTES = 65536
 MAX_REASON_CHARS = 300
 
 
+def split_command(text, what):
+    """The argv of a command line masq runs without a shell (split as sh would:
+    shlex); DeliveryError (temporary) naming `what` when it does not parse or
+    is empty."""
+    import shlex        # it imports re: only a program that runs a command pays for it
+    from masq.outcome import DeliveryError
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        raise DeliveryError(f"{what} does not parse: {e}") from None
+    if not argv:
+        raise DeliveryError(f"{what} is empty")
+    return argv
+
+
 def run(argv, reader, deadline, **popen):
-    """Run argv with `reader`'s bytes on stdin; return its wait status.
+    """Run argv with `reader`'s bytes on stdin (None: /dev/null); return its wait status.
 
     `deadline` is a time.monotonic() value.  Raises OSError when it cannot
     start and subprocess.TimeoutExpired (after killing it) when it is late.
     """
     import subprocess
-    child = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True, **popen)
+    stdin = subprocess.DEVNULL if reader is None else subprocess.PIPE
+    child = subprocess.Popen(argv, stdin=stdin, start_new_session=True, **popen)
     try:
-        feed(child, reader, deadline)
+        if reader is not None:
+            feed(child, reader, deadline)
         return child.wait(max(deadline - time.monotonic(), 0))
     except BaseException:
         kill(child)
@@ -79,9 +96,8 @@ def last_line(output):
     lines = [line.strip() for line in output.read().split(b"\n") if line.strip()]
     if not lines:
         return ""
-    text = lines[-1].decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text[:MAX_REASON_CHARS]
+    from masq import log
+    return log.clean(lines[-1].decode("utf-8", "replace"), MAX_REASON_CHARS)
 
 
 class Chain:

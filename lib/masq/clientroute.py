@@ -114,18 +114,29 @@ class Route:
         return f"route {self.name}" if self.name else "direct delivery"
 
 
-def read_secret(path):
-    """The first line of a password file that only its owner can read."""
+def read_secret(path, what="password file", max_bytes=None, absent_ok=False):
+    """The first line of a password file that only its owner can read (see
+    passwords.secret_problem); max_bytes: the whole file, at most that many
+    bytes, without white space at its ends (a DKIM key); absent_ok: None when
+    there is no such file.  config_error when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        if absent_ok:
+            return None
+        raise config_error(f"unable to read {what} {path}: {e.strerror}") from None
     except OSError as e:
-        raise config_error(f"unable to read password file {path}: {e.strerror}") from None
+        raise config_error(f"unable to read {what} {path}: {e.strerror}") from None
     try:
-        problem = passwords.secret_problem(f"password file {path}", os.fstat(fd))
+        problem = passwords.secret_problem(f"{what} {path}", os.fstat(fd))
         if problem:
             raise config_error(problem)
+        if max_bytes is not None:
+            return os.read(fd, max_bytes).strip()
         with os.fdopen(fd, "rb", closefd=False) as f:
             line = f.readline(MAX_SECRET_BYTES)
+    except OSError as e:
+        raise config_error(f"unable to read {what} {path}: {e.strerror}") from None
     finally:
         os.close(fd)
     return line.rstrip(b"\r\n")

@@ -125,15 +125,7 @@ def tcp(address, port, peer, timeout):
     import socket       # costly, and only needed when a connection is made
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect((address, port))
-    except TimeoutError:
-        sock.close()
-        raise ConnectFailed(f"connect to {peer}:{port}: timeout after {timeout:g} s") from None
-    except OSError as e:
-        sock.close()
-        raise ConnectFailed(f"connect to {peer}:{port}: {e.strerror or e}") from None
+    _connect(sock, (address, port), f"{peer}:{port}", timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Connection(sock, peer)
 
@@ -142,16 +134,22 @@ def unix(path, peer, timeout):
     """A connection to a Unix stream socket (an LMTP server's, as Dovecot's)."""
     import socket       # as in tcp()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    _connect(sock, path, peer, timeout)
+    return Connection(sock, peer)
+
+
+def _connect(sock, target, peer, timeout):
+    """Connect `sock` to `target` within timeout; else close it and raise
+    ConnectFailed naming `peer`."""
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        sock.connect(target)
     except TimeoutError:
         sock.close()
         raise ConnectFailed(f"connect to {peer}: timeout after {timeout:g} s") from None
     except OSError as e:
         sock.close()
         raise ConnectFailed(f"connect to {peer}: {e.strerror or e}") from None
-    return Connection(sock, peer)
 
 
 def wrapper(command, peer):

@@ -14,6 +14,11 @@ delivery itself as a temporary failure: retrying is safe, bouncing is not.
                   stdout; the process boundary a privileged spawner needs
                   to start it as the recipient
 
+Only in-process delivery shares fsyncs between messages: masq.attempt's
+Run makes its maildir deliveries owe new/'s fsync to one group commit
+(mailbox.FolderSync); a child, and system mode's masq-local, fsync new/
+for each message, as the process boundary lies between them and the record.
+
 System mode (masq.toml `user`) always uses the third, Spawn: masq-send (as
 masq) plans the deliveries by user (masq.local), and each user's share is
 one request to masq-lspawn(8), which runs `masq-local --targets` as that

@@ -24,10 +24,9 @@ dkimpy takes the message as one bytes object: it is held in memory while
 it is signed (at most max_size).  dkimpy, dnspython and PyNaCl (ed25519)
 are imported at the first signature, only in a program that signs.
 """
-import os
 import re
 
-from masq import Error, address, passwords
+from masq import Error, address
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 MAX_KEY_BYTES = 16384
@@ -96,24 +95,16 @@ class Signer:
         """(key, algorithm) from a key file only its owner may read; None: absent and optional."""
         if path in self.keys:
             return self.keys[path]
+        from masq import clientroute
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            secret = clientroute.read_secret(path, "key file", MAX_KEY_BYTES, absent_ok=True)
+        except Error as e:
+            raise DkimError(f"DKIM: {e}") from None
+        if secret is None:
             if optional:
                 return None
             raise DkimError(f"DKIM: unable to read key file {path}: no such file; "
-                            "make one with masq-setup dkim") from None
-        except OSError as e:
-            raise DkimError(f"DKIM: unable to read key file {path}: {e.strerror}") from None
-        try:
-            problem = passwords.secret_problem(f"DKIM key file {path}", os.fstat(fd))
-            if problem:
-                raise DkimError(f"DKIM: {problem}")
-            secret = os.read(fd, MAX_KEY_BYTES).strip()
-        except OSError as e:
-            raise DkimError(f"DKIM: unable to read key file {path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
+                            "make one with masq-setup dkim")
         # the kind of key says the algorithm, unless dkim_algorithm does
         algorithm = self.algorithm or \
             ("rsa-sha256" if secret.startswith(b"-----BEGIN") else "ed25519-sha256")
@@ -148,12 +139,8 @@ def make_key(path, algorithm="ed25519-sha256", bits=2048):
         secret = base64.b64encode(bytes(key)) + b"\n"
         public = base64.b64encode(bytes(key.verify_key)).decode()
         kind = "ed25519"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, secret)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from masq import files
+    files.write_atomic(path, secret, 0o600, exclusive=True)
     return f"v=DKIM1; k={kind}; p={public}"
 
 

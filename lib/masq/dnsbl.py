@@ -7,7 +7,7 @@ and the zone's TXT record at that name says why; no such name (NXDOMAIN)
 or no A record means not listed.  An answer in 127.255.255.0/24 is a
 list's way to refuse the query (Spamhaus: a public resolver, over quota),
 and an answer outside 127/8 is no answer a list gives: both, a timeout
-and a server failure are LookupError, the caller lets the client through.
+and a server failure are QueryError, the caller lets the client through.
 
 Lookups go to `dns_servers` with masq.mx's resolver, each bounded by
 LOOKUP_SECONDS over all servers.  A Lists object belongs to one session
@@ -42,9 +42,10 @@ def query_name(ip, zone):
 
 
 def clean_reason(text):
-    """A TXT string safe inside an SMTP reply and a log line."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in " ".join(text.split()))
-    return text[:REASON_MAX_CHARS]
+    """A TXT string safe inside an SMTP reply (ASCII) and a log line."""
+    from masq import log
+    text = "".join(c if c.isascii() else "?" for c in " ".join(text.split()))
+    return log.clean(text, REASON_MAX_CHARS)
 
 
 class Lists:
@@ -75,8 +76,8 @@ class Lists:
         name = query_name(ip, zone)
         if name is None:
             return None
+        from masq import mx
         if self.resolver is None:
-            from masq import mx
             self.resolver = mx.resolver(self.dns_servers)
             self.resolver.lifetime = LOOKUP_SECONDS
             self.resolver.timeout = LOOKUP_SECONDS / 2
@@ -85,7 +86,7 @@ class Lists:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
         except dns.exception.DNSException as e:
-            raise QueryError(f"{name}: {_why(e)}") from None
+            raise QueryError(f"{name}: {mx.why(e)}") from None
         if any(not c.startswith("127.") or c.startswith("127.255.255.") for c in codes):
             raise QueryError(f"{name}: the list answered {', '.join(codes)}, an error "
                                "code, not a listing")
@@ -95,9 +96,3 @@ class Lists:
         except dns.exception.DNSException:
             texts = []
         return clean_reason(texts[0]) if texts and texts[0].strip() else f"listed by {zone}"
-
-
-def _why(exc):
-    """A one-line reason from a dnspython exception."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -32,8 +32,8 @@ stored (may_add=False: masq-smtpd's cap per session), at most
 `network_max` triplets of one network are first seen within a window,
 and none is added once the table holds `max_bytes`; a triplet not stored
 is refused for now all the same (UNRECORDED, NETWORK_FULL, TABLE_FULL).
-The file is made 0600 before sqlite opens it (sqlite gives its -wal and
--shm files the same mode).  Errors are GreylistError: the session decides
+The file is made 0600 before sqlite opens it (masq.sqlstore; sqlite gives
+its -wal and -shm files the same mode).  Errors are GreylistError: the session decides
 (masq-smtpd lets the recipient through); a database another process
 holds locked for longer than BUSY_TIMEOUT_SECONDS is GreylistBusy, which
 refuses the one recipient for now.  sqlite3 is imported only when opened.
@@ -92,13 +92,7 @@ class Triplet:
 
 def client_network(ip):
     """The network a client is greylisted by: "a.b.c.0/24", or the /64 of an IPv6 address."""
-    parsed = net.parse_ip(ip.removeprefix("IPv6:")) if ip else None
-    if parsed is None:
-        return ip
-    if parsed[0] == 6:
-        return net.prefix(ip, 64)
-    value = parsed[1] & 0xffffff00
-    return ".".join(str(value >> shift & 0xff) for shift in (24, 16, 8, 0)) + "/24"
+    return net.prefix(ip, 64, 24) if ip else ip
 
 
 class Greylist:
@@ -117,41 +111,18 @@ class Greylist:
             import sqlite3
             from masq import sqlstore   # both: only a session that needs it
             try:
-                if create:
-                    # 0600 from the start: sqlite would make it 0644 under a usual umask
-                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o600))
-                elif not os.path.exists(self.path):
+                if not create and not os.path.exists(self.path):
                     return None
                 db = sqlstore.connect(self.path, SCHEMA, BUSY_TIMEOUT_SECONDS)
             except sqlite3.Error as e:
                 raise self._error(e, "unable to open ") from None
-            except OSError as e:
-                raise GreylistError(f"unable to open {self.path}: {_why(e)}; it holds no "
-                                    "mail: remove it if it is damaged") from None
             self.db = db
         return self.db
 
     def _transaction(self, work):
-        """Run work(db) in one IMMEDIATE transaction; its result."""
-        import sqlite3
-        db = self._open()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise self._error(e) from None
-        try:
-            result = work(db)
-            db.execute("COMMIT")
-            return result
-        except BaseException as e:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass                # none open any more
-            if isinstance(e, sqlite3.Error):
-                raise self._error(e) from None
-            raise
+        """Run work(db) in one IMMEDIATE transaction (masq.sqlstore); its result."""
+        from masq import sqlstore
+        return sqlstore.transaction(self._open(), work, self._error)
 
     def _error(self, e, doing=""):
         """GreylistBusy for a lock held too long, else GreylistError."""
@@ -300,22 +271,15 @@ def matches(triplet, pattern):
 
 
 def describe(triplets):
-    """Lines for masq-queue greylist: one per triplet, a header first."""
+    """Lines for masq-queue greylist: one per triplet, a header first; a character
+    that is not printable as \\xNN or \\uNNNN (masq.log.clean)."""
+    from masq.log import clean
     yield f"{'client':<22} {'first seen':<20} {'state':<20} {'expires':<20} sender -> recipient\n"
     for t in triplets:
         state = f"passed after {_span(t.passed - t.first)}" if t.passed else "waiting"
-        yield (f"{printable(t.client):<22} {_stamp(t.first):<20} {state:<20} "
-               f"{_stamp(t.expires):<20} <{printable(t.sender)}> -> "
-               f"<{printable(t.recipient)}>\n")
-
-
-def printable(text):
-    """Text safe for a terminal and a log: a character that is not printable (a
-    control, C1, a line or paragraph separator) as \\xNN or \\uNNNN."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
-                   else f"\\u{ord(c):04x}" for c in text)
+        yield (f"{clean(t.client, escape=True):<22} {_stamp(t.first):<20} {state:<20} "
+               f"{_stamp(t.expires):<20} <{clean(t.sender, escape=True)}> -> "
+               f"<{clean(t.recipient, escape=True)}>\n")
 
 
 def _stamp(seconds):
@@ -329,10 +293,6 @@ def _span(seconds):
     if seconds < 7200:
         return f"{seconds // 60}m"
     return f"{seconds // 3600}h"
-
-
-def _why(exc):
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 class Whitelist:
@@ -373,10 +333,12 @@ class Whitelist:
             raise GreylistError(f"unable to read the greylist whitelist {path}: "
                                 f"{e.strerror}") from None
 
-    def matches(self, ip, sender, recipient):
-        """Does an entry name the client, the sender or the recipient?"""
-        if ip and self.nets and net.in_nets(ip, self.nets):
-            return True
+    def lists_client(self, ip):
+        """Does a network entry hold the client's address?"""
+        return bool(ip and self.nets and net.in_nets(ip, self.nets))
+
+    def names(self, sender, recipient):
+        """Does an entry name the sender or the recipient?"""
         for addr in (sender, recipient):
             if not addr:
                 continue

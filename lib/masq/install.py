@@ -50,7 +50,7 @@ import shutil
 import stat
 import subprocess
 
-from masq import Error
+from masq import Error, files
 
 CONF_DIR = "/etc/masq"
 CONF = "/etc/masq/masq.toml"
@@ -214,7 +214,8 @@ class Manifest:
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o755)
             self.data["made_lib"] = True
-        _write_atomic(self.path, json.dumps(self.data, indent=1).encode() + b"\n", 0o644)
+        files.write_atomic(self.path, json.dumps(self.data, indent=1).encode() + b"\n", 0o644,
+                           owner=(0, 0))
 
     def remove(self):
         os.unlink(self.path)
@@ -564,7 +565,7 @@ def _write_file(manifest, path, data, mode, gid=0):
     if os.path.lexists(path) and step is None and _sha256_file(path) != _sha256(data):
         _move_aside(manifest, path)
     manifest.record({"do": "file", "path": path, "sha256": _sha256(data)})
-    _write_atomic(path, data, mode, gid)
+    files.write_atomic(path, data, mode, owner=(0, gid))
 
 
 def _move_aside(manifest, path):
@@ -735,25 +736,3 @@ def _sha256_file(path):
         return digest.hexdigest()
     finally:
         os.close(fd)
-
-
-def _write_atomic(path, data, mode, gid=0):
-    """Temporary name, mode and owner set, fsync, rename, fsync of the folder."""
-    tmp = f"{path}.masq-new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        os.fchown(fd, 0, gid)
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

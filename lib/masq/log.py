@@ -47,10 +47,17 @@ def setup(conf):
 
 def event(qid, text, **fields):
     """Log one event about queue id `qid`: `key=value ... (text)`."""
-    parts = [f"{k}={_clean(str(v))}" for k, v in fields.items() if v is not None]
+    parts = [f"{k}={clean(str(v))}" for k, v in fields.items() if v is not None]
     if text:
-        parts.append(f"({_clean(text)})")
+        parts.append(f"({clean(text)})")
     line(f"{qid}: " + " ".join(parts))
+
+
+def conf_line(conf, text):
+    """Log one line as it is, the log opened where `conf` says at the first."""
+    if _target is None:
+        setup(conf)
+    line(text)
 
 
 def line(text):
@@ -72,6 +79,13 @@ def line(text):
         pass
 
 
-def _clean(text):
-    """One line, printable: a log line is never split by what it quotes."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def clean(text, max_chars=None, escape=False):
+    """One line, printable: a log line (or a terminal) is never split or steered by
+    what it quotes.  A character that is not printable (a control, C1, a line or
+    paragraph separator) becomes "?", or with `escape` \\xNN or \\uNNNN; at most
+    max_chars characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" if not escape
+                       else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                       for c in text)
+    return text if max_chars is None else text[:max_chars]

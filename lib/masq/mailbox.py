@@ -8,7 +8,10 @@ Nothing is reported delivered before it is on disk (fsync):
 
 maildir  cr.yp.to/proto/maildir.html: a unique name in tmp/, write, fsync,
          link into new/ (the commit point), fsync new/; tmp/new/cur are made
-         when missing; the tmp file is removed on any failure.
+         when missing; the tmp file is removed on any failure.  While
+         `deferred` is a FolderSync (masq-send's group commit, masq.attempt),
+         the fsync of new/ is owed to it instead: the caller reports nothing
+         delivered before its sync().
 mbox     mboxrd: a `From sender date` line, every line matching ^>*From_
          gets one more `>`, a blank line after the message.  Locked with a
          dot-lock (FILE.lock, O_EXCL, holding our PID; removed when its
@@ -70,6 +73,7 @@ MAX_LOCK_BYTES = 32             # a dot-lock holds a PID line; anything bigger i
 EMPTY_LOCK_SECONDS = 5          # a dot-lock still without a PID this long: its writer died
 _counter = 0                    # deliveries by this process (maildir Q field)
 _busy = {}                      # mbox path -> when a lock wait on it last timed out
+deferred = None                 # a FolderSync: maildir() leaves new/'s fsync to it
 _KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder",
           stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
 
@@ -113,7 +117,10 @@ def _maildir_write(folder, fds, head, stream):
                 raise
             # a file system without hard links
             os.rename(name, name, src_dir_fd=fds["tmp"], dst_dir_fd=fds["new"])
-        os.fsync(fds["new"])
+        if deferred is None:
+            os.fsync(fds["new"])
+        else:
+            deferred.owe(fds.pop("new"), folder)
     except OSError as e:
         _unlink(name, fds["tmp"])
         raise DeliveryError(f"unable to write into maildir {folder}: {e.strerror} "
@@ -123,6 +130,53 @@ def _maildir_write(folder, fds, head, stream):
         raise
     _unlink(name, fds["tmp"])
     return f"maildir {folder}/"
+
+
+class FolderSync:
+    """The new/ folders whose fsync is owed: one fsync per folder for many deliveries.
+
+    owe() takes a descriptor of a new/ folder that a message was just linked
+    into, under the current `label` (masq-send: the queue id); sync() fsyncs
+    each folder once (by inode: a folder renamed or swapped meanwhile is
+    still the one linked into) and returns {label: reason} for the labels
+    whose folder's fsync failed: those deliveries are not durable.
+    """
+
+    def __init__(self):
+        self.label = None
+        self.owed = {}              # (st_dev, st_ino) -> [fd, folder, {label}]
+
+    def owe(self, fd, folder):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        entry = self.owed.get((st.st_dev, st.st_ino))
+        if entry is None:
+            self.owed[(st.st_dev, st.st_ino)] = [fd, folder, {self.label}]
+        else:
+            os.close(fd)
+            entry[2].add(self.label)
+
+    def sync(self):
+        failed = {}
+        owed, self.owed = self.owed, {}
+        for fd, folder, labels in owed.values():
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                failed.update(dict.fromkeys(labels, f"unable to fsync {folder}/new: "
+                                                    f"{e.strerror}"))
+            finally:
+                os.close(fd)
+        return failed
+
+    def close(self):
+        """Forget what is owed (its deliveries were not reported): close the folders."""
+        for fd, _, _ in self.owed.values():
+            os.close(fd)
+        self.owed = {}
 
 
 def _open_maildir(folder):

@@ -18,7 +18,7 @@ A path masqmail's files name under /etc/masqmail/ is read from the folder
 given (a copy of /etc/masqmail need not live there), else as written.
 
 Every value written into masq.toml, in a string, a key or a comment, and
-every note goes through escape(): a control character (CR, LF, NUL...)
+every note goes through masq.tomlwrite.escape(): a control character (CR, LF, NUL...)
 never ends a line there, so no value becomes a [table] of its own.  A
 masqmail value holding one (masqmail reads a newline inside quotes) is not
 carried over, with a note; a password may hold any byte but CR, LF and
@@ -30,6 +30,7 @@ How each key maps onto masq's: masq-setup(8), IMPORTING FROM MASQMAIL.
 import os
 
 from masq import Error
+from masq.tomlwrite import CONTROLS, NotUTF8, escape, toml_key, toml_value
 
 DEFAULT_DIR = "/etc/masqmail/"
 SAFE_VALUE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -99,40 +100,7 @@ DROPPED = {
 }
 IGNORED = ("do_ssl",)           # masqmail ignores it too (written by sqilconf)
 SECRET_KEYS = ("auth_secret", "pass")
-# what no value may hold: the control characters but tab (C0, DEL, C1); a password
-# only what would end its line in a password file
-CONTROLS = frozenset([chr(c) for c in range(0x20) if c != 9]
-                     + [chr(c) for c in range(0x7f, 0xa0)])
-SECRET_CONTROLS = frozenset("\r\n\0")
-SHORT_ESCAPES = {"\b": "\\b", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-class NotUTF8(ValueError):
-    """A value with bytes that were not UTF-8: TOML cannot hold it."""
-
-
-def escape(text, string=False):
-    """`text` as it may be written into masq.toml (string=True: between the quotes
-    of a TOML basic string; else in a comment) or printed: the one function every
-    value passes on its way out.  A control character (CR, LF, NUL..., DEL, C1)
-    becomes an escape (\\n, \\u0000), so a value never ends a line (a comment that
-    would become a [table]) nor works a terminal; in a string \\ and " are escaped
-    too.  A byte that was not UTF-8 (surrogateescape) is written \\xNN in a comment;
-    a string cannot hold it: NotUTF8."""
-    out = []
-    for c in text:
-        if c in CONTROLS:
-            out.append(SHORT_ESCAPES.get(c) or f"\\u{ord(c):04x}")
-        elif string and c in '"\\':
-            out.append("\\" + c)
-        elif "\ud800" <= c <= "\udfff":
-            if string:
-                raise NotUTF8(text)
-            byte = ord(c) - 0xdc00
-            out.append(f"\\x{byte:02x}" if 0x80 <= byte <= 0xff else f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return "".join(out)
+SECRET_CONTROLS = frozenset("\r\n\0")   # what would end a password file's line
 
 
 class MasqmailConfError(Error):
@@ -272,10 +240,18 @@ class Converter:
         self.comments = {}          # masq name -> comment line
         self.fetch_only = []        # connections of online_gets without routes
         self.hostname = None
+        self.statements = {}        # path -> what read() gave: each file is read once
 
     # -- reading ------------------------------------------------------------------------
     def read(self, path, what):
-        """The statements of a masqmail file; None (and a note) when it cannot be read."""
+        """The statements of a masqmail file; None (and a note) when it cannot be read.
+        A file is read once: a route file is also read for its pop3_login, a get file
+        also as the pop3_login of a route."""
+        if path not in self.statements:
+            self.statements[path] = self.read_once(path, what)
+        return self.statements[path]
+
+    def read_once(self, path, what):
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 self.check_private(f, path)
@@ -350,7 +326,7 @@ class Converter:
 
     def note(self, text):
         text = escape(text)
-        if text not in self.notes:      # a file read twice (route and get files)
+        if text not in self.notes:      # a list file named twice
             self.notes.append(text)
 
     def drop(self, st, why=None):
@@ -651,23 +627,7 @@ class Converter:
 
     def wrapper(self, name, table, st, keys):
         """A TLS tunnel masq can do itself becomes host and tls; any other stays a wrapper."""
-        import shlex
-        try:
-            words = shlex.split(st.value.replace("2>/dev/null", ""))
-        except ValueError:
-            words = []
-        target, tls = None, None
-        if len(words) > 1 and os.path.basename(words[0]) == "openssl" and words[1] == "s_client":
-            for i, word in enumerate(words):
-                if word == "-connect" and i + 1 < len(words):
-                    target = words[i + 1]
-            tls = "starttls" if "-starttls" in words else "tls"
-        elif words and os.path.basename(words[0]) == "gnutls-cli":
-            hosts = [w for w in words[1:] if not w.startswith("-")]
-            port = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-p"), "")
-            if hosts and port.isdigit():
-                target = f"{hosts[0]}:{port}"
-            tls = "starttls" if any(w.startswith("--starttls") for w in words) else "tls"
+        target, tls = _tunnel(st.value)
         if target and ":" in target and "mail_host" not in keys:
             table["host"], table["tls"] = target, tls
             self.note(f"{st.where}: replaced by host = {target!r}, tls = {tls!r}: masq does "
@@ -792,8 +752,7 @@ class Converter:
                 if table.get("always") is not True:
                     table["fetch_on_up"] = True
         for located in files:       # pop3_login, now that the accounts are known
-            statements = self.read(located, "route file") if os.path.exists(located) else []
-            for st in statements or []:
+            for st in self.read(located, "route file") or []:
                 if st.key == "pop3_login":
                     self.pop_before_smtp(names[located], st)
 
@@ -809,11 +768,8 @@ class Converter:
         tls = "pop3s" if port == "995" else "stls"
         wrapper = keys.get("wrapper")
         if wrapper:
-            import shlex
-            words = shlex.split(wrapper.value.replace("2>/dev/null", ""))
-            target = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-connect"),
-                          None)
-            if target and "openssl" in os.path.basename(words[0]) and "-starttls" not in words:
+            target, tunnel = _tunnel(wrapper.value)
+            if target and tunnel == "tls":
                 account["server"], tls = target, "pop3s"
             else:
                 self.drop(wrapper, "masq-fetch does POP3S and STLS itself, without a wrapper")
@@ -962,6 +918,30 @@ REWRITE_KEYS = ("map_return_path_addresses", "set_return_path_domain", "map_h_fr
                 "set_h_from_domain", "map_h_reply_to_addresses", "set_h_reply_to_domain")
 
 
+def _tunnel(wrapper):
+    """(host:port, "tls" or "starttls") of a wrapper that is only a TLS tunnel
+    (openssl s_client -connect, gnutls-cli -p); (None, None) for any other, one
+    that does not parse (an open quote) included."""
+    import shlex
+    try:
+        words = shlex.split(wrapper.replace("2>/dev/null", ""))
+    except ValueError:
+        return None, None
+    target, tls = None, None
+    if len(words) > 1 and os.path.basename(words[0]) == "openssl" and words[1] == "s_client":
+        for i, word in enumerate(words):
+            if word == "-connect" and i + 1 < len(words):
+                target = words[i + 1]
+        tls = "starttls" if "-starttls" in words else "tls"
+    elif words and os.path.basename(words[0]) == "gnutls-cli":
+        hosts = [w for w in words[1:] if not w.startswith("-")]
+        port = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-p"), "")
+        if hosts and port.isdigit():
+            target = f"{hosts[0]}:{port}"
+        tls = "starttls" if any(w.startswith("--starttls") for w in words) else "tls"
+    return target, tls
+
+
 def pattern(text):
     """A masqmail address pattern as masq's: <> is the null sender, no @ any domain."""
     text = text.strip()
@@ -978,26 +958,6 @@ def display(text):
         name, _, addr = text[:-1].rpartition("<")
         return name.strip().strip('"'), addr.strip()
     return "", text
-
-
-def toml_key(name):
-    """A TOML key: bare when it may be, else a string."""
-    bare = name and all(c.isalnum() and c.isascii() or c in "_-" for c in name)
-    return name if bare else toml_value(name)
-
-
-def toml_value(value):
-    """A value written as TOML: strings, booleans, integers, lists, inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}"
-                                for k, v in value.items()) + " }"
-    return '"' + escape(str(value), string=True) + '"'
 
 
 def convert(source):

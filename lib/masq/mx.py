@@ -69,10 +69,10 @@ def lookup(domain, dns_servers=None):
     except dns.resolver.NoAnswer:
         records = None
     except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.YXDOMAIN) as e:
-        raise MXError(f"DNS lookup of MX for {domain} failed: {_why(e)}",
+        raise MXError(f"DNS lookup of MX for {domain} failed: {why(e)}",
                       temporary=True) from None
     except dns.exception.DNSException as e:
-        raise MXError(f"DNS lookup of MX for {domain} failed: {_why(e)}",
+        raise MXError(f"DNS lookup of MX for {domain} failed: {why(e)}",
                       temporary=True) from None
     if records is None:
         addresses = addresses_of(res, domain)
@@ -102,12 +102,12 @@ def addresses_of(res, name, soft=False):
         except dns.exception.DNSException as e:
             if soft:
                 continue
-            raise MXError(f"DNS lookup of {rtype} for {name} failed: {_why(e)}",
+            raise MXError(f"DNS lookup of {rtype} for {name} failed: {why(e)}",
                           temporary=True) from None
     return found
 
 
-def _why(exc):
+def why(exc):
     """A one-line reason from a dnspython exception."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__

@@ -94,11 +94,16 @@ def stdio_is_one_socket():
     return stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino)
 
 
-def prefix(ip, v6_length):
-    """An IPv4 address as it is; an IPv6 one as its first v6_length bits ("2001:db8::/64")."""
+def prefix(ip, v6_length, v4_length=None):
+    """An IPv6 address as its first v6_length bits ("2001:db8:0:0:0:0:0:0/64"); an IPv4
+    one as its first v4_length bits ("192.0.2.0/24"), as it is without v4_length."""
     addr = parse_ip(ip.removeprefix("IPv6:"))
-    if addr is None or addr[0] == 4:
+    if addr is None or addr[0] == 4 and v4_length is None:
         return ip
+    if addr[0] == 4:
+        value = addr[1] >> (32 - v4_length) << (32 - v4_length)
+        return ".".join(str(value >> shift & 0xff) for shift in (24, 16, 8, 0)) + \
+            f"/{v4_length}"
     value = addr[1] >> (128 - v6_length) << (128 - v6_length)
     words = [f"{(value >> (112 - 16 * i)) & 0xffff:x}" for i in range(8)]
     return ":".join(words) + f"/{v6_length}"

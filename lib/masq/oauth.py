@@ -28,6 +28,7 @@ once.  The token never appears in a log line, an error or a process title.
 import os
 import time
 
+from masq import passwords
 from masq.outcome import DeliveryError, one_line
 
 TOKEN_TIMEOUT_SECONDS = 60
@@ -68,27 +69,18 @@ def forget(route):
 
 def run(route):
     """(token, expires or None): run token_command once; DeliveryError when it fails."""
-    import shlex
     import subprocess
     import tempfile
     from masq import child
     what = f"token_command of {route.label}"
-    try:
-        argv = shlex.split(route.token_command)
-    except ValueError as e:
-        raise DeliveryError(f"{what} does not parse: {e}") from None
-    if not argv:
-        raise DeliveryError(f"{what} is empty")
+    argv = child.split_command(route.token_command, what)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    cwd=route.token_cwd or None, start_new_session=True)
+            status = child.run(argv, None, time.monotonic() + TOKEN_TIMEOUT_SECONDS,
+                               stdout=out, stderr=err, cwd=route.token_cwd or None)
         except OSError as e:
             raise DeliveryError(f"{what} cannot run {argv[0]}: {e.strerror}") from None
-        try:
-            status = proc.wait(TOKEN_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
-            child.kill(proc)
             said = child.last_line(err)
             raise DeliveryError(f"{what} ran longer than {TOKEN_TIMEOUT_SECONDS} s"
                                 + (f": {said}" if said else "")) from None
@@ -178,7 +170,7 @@ def _cached(route):
         return None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if st.st_uid != os.geteuid() or passwords.secret_problem(route.token_cache, st):
             return None         # not ours, or others could read it: not trusted
         with os.fdopen(fd, "r", encoding="utf-8", errors="replace", closefd=False) as f:
             lines = f.read(MAX_OUTPUT_BYTES).splitlines()
@@ -201,21 +193,11 @@ def _store(route, token, expires):
     """Write the cache file (0600) by rename; a failure only costs a later run."""
     if expires - EXPIRY_MARGIN_SECONDS <= time.time():
         return
+    from masq import files
     path = route.token_cache
-    tmp = f"{path}.{os.getpid()}.tmp"
     text = f"{MAGIC}\nkey {_key(route)}\nexpires {expires:.0f}\ntoken {token}\n"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        files.write_atomic(path, text.encode(), 0o600)
     except OSError as e:
         from masq import log
         log.warn(f"unable to write the token cache {path}: {e.strerror}")
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass

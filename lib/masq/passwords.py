@@ -243,19 +243,7 @@ def write_user(path, user, password):
         name = line.split(b":", 1)[0] + b":"
         lines = [x if x.endswith(b"\n") else x + b"\n" for x in old if not x.startswith(name)]
         lines.append(line)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            data = memoryview(b"".join(lines))
-            while data:                 # a short write (a full disk) is no whole file
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.rename(tmp, path)
-        os.fsync(lock)
+        from masq import files
+        files.write_atomic(path, b"".join(lines), 0o600)
     finally:
         os.close(lock)

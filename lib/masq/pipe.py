@@ -37,7 +37,7 @@ pipe_fromhack a ">" before every line that begins with "From ".
 """
 import time
 
-from masq import Error, mailbox, schema
+from masq import address, mailbox, schema
 from masq.outcome import DeliveryError, one_line
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -48,18 +48,15 @@ COPY_BYTES = 65536
 class Pipe:
     """The pipe of [route.NAME]: its argv template and options."""
 
-    def __init__(self, conf, name):
-        import shlex        # it imports re: only a pipe route pays for it
+    def __init__(self, conf, name, table=None):
+        from masq import child
         self.conf, self.name = conf, name
-        table = dict(conf.routes).get(name) or {}
+        if table is None:
+            table = dict(conf.routes).get(name) or {}
+        self.table = table
         keys = schema.table_keys("route.*.")
         where = f"{conf.file}: [route.{name}] pipe"
-        try:
-            self.words = shlex.split(str(table.get("pipe") or ""))
-        except ValueError as e:
-            raise Error(f"{where} does not parse: {e}", code=111, temporary=True) from None
-        if not self.words:
-            raise Error(f"{where} is empty", code=111, temporary=True)
+        self.words = child.split_command(str(table.get("pipe") or ""), where)
         option = {key: table.get(key, keys[key].default) for key in
                   ("pipe_per_recipient", "pipe_fromline", "pipe_fromhack", "pipe_timeout",
                    "connect_error_fail")}
@@ -150,7 +147,7 @@ class Pipe:
 
     def env(self, sender, rcpts, qid, trace):
         """The environment masqmail's pipe gets, and PATH."""
-        local, _, domain = sender.rpartition("@")
+        local, domain = address.split(sender)
         env = {"PATH": DEFAULT_PATH, "SENDER": sender, "RETURN_PATH": sender,
                "SENDER_LOCAL": local, "SENDER_DOMAIN": domain,
                "RECEIVED_HOST": trace.get("client_name") or trace.get("client") or "",
@@ -167,19 +164,15 @@ def configured(conf, name):
     return bool(name) and bool((dict(conf.routes).get(name) or {}).get("pipe"))
 
 
-def send(conf, name, msg, rcpts, open_message):
-    """masq-send's relay: pipe the spool message msg to these of its recipients.
+def send(pipe, msg, rcpts, open_message):
+    """masq-send's relay: pipe the spool message msg to these of its recipients
+    with `pipe` (a Pipe, made once per route for the queue run).
 
     open_message() gives the message as the route sends it (rewrite_sender
-    applied).  A route that cannot work as configured defers.
+    applied).
     """
     from masq import route
-    table = route.route_table(conf, name)
-    sender = route.rewrite(table, msg.sender) if msg.sender else msg.sender
-    try:
-        pipe = Pipe(conf, name)
-    except Error as e:
-        return [("Z", str(e))] * len(rcpts)
+    sender = route.rewrite(pipe.table, msg.sender) if msg.sender else msg.sender
     return pipe.send(sender, rcpts, open_message, msg.id, msg.trace)
 
 
@@ -208,9 +201,7 @@ class _Rewound:
 
 
 def _rcpt_values(rcpt):
-    local, at, domain = rcpt.rpartition("@")
-    if not at:
-        local, domain = rcpt, ""
+    local, domain = address.split(rcpt)
     return {"rcpt": rcpt, "recipient": rcpt, "local": local, "domain": domain}
 
 

@@ -14,6 +14,8 @@ passes (RFC 5321 section 4.5.1).
 verdict() answers with one of the verdicts below, never with protocol
 text: the session turns it into a reply.  An aliases file that cannot be
 read raises AliasesUnavailableError (temporary), never "unknown user".
+Recipients is what masq-smtpd's RCPT and masq-qmtpd ask: the policy, then
+the Guard, with the refused recipients of the session counted.
 
 A recipient so accepted from a client that may not relay then passes the
 Guard, when [smtpd] configures one: a client listed in a dnswl zone
@@ -49,6 +51,8 @@ UNKNOWN_USER = "unknown user"
 GREYLISTED = "greylisted"       # the Guard's: not yet, come back later
 LISTED = "listed"               # the Guard's: the client is on a dnsbl
 DEFERRED = "deferred"           # the Guard's: a new triplet over a cap, not stored
+ALIASES_UNAVAILABLE = "aliases unavailable"     # Recipients': no recipient judged for now
+TOO_MANY_REFUSED = "too many refused"           # Recipients': over the cap, the session ends
 # counted toward [smtpd] max_refused_recipients by masq-smtpd and masq-qmtpd: a
 # client guessing addresses, or filling greylist.db with new triplets
 REFUSED = (RELAY_DENIED, UNKNOWN_USER, LISTED, DEFERRED)
@@ -66,6 +70,20 @@ class Client:
         self.trusted = (local or self.relayclient is not None
                         or net.in_nets(self.ip, relay_nets))
         self.certificate = None     # a verified client certificate's subject
+
+    def who(self):
+        """The client for the log: its IP, or "local"."""
+        return self.ip or "local"
+
+    def trusted_by(self):
+        """What let a client outside relay_nets relay without AUTH: "cert", "relayclient".
+
+        Kept in the spool, so that a failure of its mail is bounced, not taken
+        for mail from outside (attempt.came_from_outside).
+        """
+        if self.certificate is not None:
+            return "cert"
+        return "relayclient" if self.relayclient is not None else None
 
 
 def certificate_subject(peercert):
@@ -127,6 +145,52 @@ class RecipientPolicy:
         return localpart.recipient_problem(self.conf, self.aliases, local_part)
 
 
+class Recipients:
+    """One session's recipients judged: RecipientPolicy, then the Guard, refusals counted.
+
+    judge() gives (the path as taken, verdict, detail), the detail the
+    Guard's (seconds to wait, or (zone, reason)) or None.  "postmaster"
+    alone is postmaster@hostname (RFC 5321 section 4.5.1), and RELAYCLIENT
+    is appended.  An aliases file that cannot be read is warned about and
+    ALIASES_UNAVAILABLE.  A verdict in REFUSED counts toward
+    smtpd.max_refused_recipients; the one past it is logged and
+    TOO_MANY_REFUSED: the session ends.
+    """
+
+    def __init__(self, conf, settings, client, note):
+        self.conf, self.settings, self.client, self.note = conf, settings, client, note
+        self.policy = RecipientPolicy(conf, client)
+        self.guard = Guard(conf, settings, client, note) if Guard.wanted(settings) else None
+        self.refused = 0            # recipients refused in the session
+
+    def judge(self, path, sender, authenticated):
+        if path.lower() == "postmaster":
+            path = f"{path}@{self.conf.hostname}"
+        path = self.policy.rewrite(path)
+        try:
+            verdict = self.policy.verdict(path, authenticated)
+        except AliasesUnavailableError as e:
+            from masq import log
+            log.warn(str(e))
+            return path, ALIASES_UNAVAILABLE, None      # our fault, not the client's
+        detail = None
+        if verdict == ACCEPT and self.guard is not None:
+            verdict, detail = self.guard.verdict(sender, path, authenticated)
+        if verdict in REFUSED:
+            # a client guessing addresses: Postfix's smtpd_hard_error_limit for them
+            self.refused += 1
+            cap = self.settings["max_refused_recipients"]
+            if cap and self.refused > cap:
+                self.note(f"too many refused recipients: client={self.client.who()} "
+                          f"refused={self.refused}")
+                return path, TOO_MANY_REFUSED, None
+        return path, verdict, detail
+
+    def close(self):
+        if self.guard is not None:
+            self.guard.close()
+
+
 class Guard:
     """DNSWL, DNSBL and greylisting for one session's recipients (see above).
 
@@ -137,7 +201,9 @@ class Guard:
     def __init__(self, conf, settings, client, note):
         self.conf, self.settings, self.client, self.note = conf, settings, client, note
         self.greylist = None        # masq.greylist.Greylist, opened at the first triplet
-        self.whitelist = None
+        self.whitelist = None       # masq.greylist.Whitelist, read at the first triplet
+        self.whitelisted = False    # greylist_whitelist names the client's address
+        self.network = None         # the client's greylisting network (client_network)
         self.lists = None           # masq.dnsbl.Lists: this session's answers
         self.allowed = None         # the dnswl zone that lists the client, "" for none
         self.broken = False         # the greylist database failed: off for the session
@@ -206,18 +272,21 @@ class Guard:
         if self.broken:
             return ACCEPT, None
         try:
-            if self.whitelist is None:
+            if self.whitelist is None:      # the client's part once a session
                 path = self.settings["greylist_whitelist"]
-                self.whitelist = greylist.Whitelist()
+                whitelist = greylist.Whitelist()
                 if path:
-                    self.whitelist = greylist.Whitelist.read(self.conf.path(path, is_value=True))
-            if self.whitelist.matches(self.client.ip, sender, recipient):
+                    whitelist = greylist.Whitelist.read(self.conf.path(path, is_value=True))
+                self.whitelisted = whitelist.lists_client(self.client.ip)
+                self.network = greylist.client_network(self.client.ip)
+                self.whitelist = whitelist
+            if self.whitelisted or self.whitelist.names(sender, recipient):
                 return ACCEPT, None
             if self.greylist is None:
                 self.greylist = greylist.Greylist(
                     self.conf.path("spool"), self.settings["greylist_delay"],
                     self.settings["greylist_window"], self.settings["greylist_expire"])
-            network = greylist.client_network(self.client.ip)
+            network = self.network
             state, seconds = self.greylist.check(
                 network, sender, recipient,
                 may_add=self.added < self.settings["max_recipients"])

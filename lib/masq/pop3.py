@@ -24,7 +24,7 @@ import os
 import stat
 import time
 
-from masq import Error, net, outcome
+from masq import Error, files, net, outcome
 
 DEFAULT_PORTS = {"pop3s": 995, "stls": 110, "none": 110}
 CONNECT_TIMEOUT_SECONDS = 30
@@ -202,30 +202,18 @@ class Session:
             raise ConnectionLost(f"{self.peer}: connection closed waiting for {what}")
         return data
 
-    def readline(self, limit, what):
-        """One line with its CRLF (or the first `limit` bytes of a longer one)."""
+    def readline(self, limit, what, many=False):
+        """One line with its CRLF (or the first `limit` bytes of a longer one);
+        with `many`, all the whole lines the buffer has, up to `limit` bytes,
+        reading only when it has none (a line longer than `limit` comes in pieces)."""
         buf, pos = self.buf, self.pos
         while True:
-            end = buf.find(b"\n", pos, pos + limit)
+            end = (buf.rfind if many else buf.find)(b"\n", pos, pos + limit)
             if end >= 0 or len(buf) - pos >= limit:
                 end = end + 1 if end >= 0 else pos + limit
                 self.pos = end
                 return bytes(buf[pos:end])
             del buf[:pos]       # only when more must be read: each byte moves once
-            pos = self.pos = 0
-            buf += self._recv(what)
-
-    def readlines(self, limit, what):
-        """The whole lines the buffer has, up to `limit` bytes; reads when it has
-        none (a line longer than `limit` comes in pieces)."""
-        buf, pos = self.buf, self.pos
-        while True:
-            end = buf.rfind(b"\n", pos, pos + limit)
-            if end >= 0 or len(buf) - pos >= limit:
-                end = end + 1 if end >= 0 else pos + limit
-                self.pos = end
-                return bytes(buf[pos:end])
-            del buf[:pos]
             pos = self.pos = 0
             buf += self._recv(what)
 
@@ -265,9 +253,7 @@ class Session:
             else:
                 self.command(b"USER " + user, "USER")
                 self.command(b"PASS " + secret, "PASS")
-        except LoginError:
-            raise
-        except ConnectionLost:
+        except (LoginError, ConnectionLost):
             raise
         except POP3Error as e:
             raise LoginError(f"login refused for {acct.user}: {e}") from None
@@ -358,7 +344,7 @@ class Retrieval:
         want = RECV_BYTES if n is None or n < 0 else n
         got = 0
         while not self.done and got < want:
-            chunk = self.session.readlines(RECV_BYTES, self.what)
+            chunk = self.session.readline(RECV_BYTES, self.what, many=True)
             self.size += len(chunk)
             if self.limit is not None and self.size > self.limit + 3:     # + ".\r\n"
                 raise TooMuch(f"{self.session.peer}: {self.what} is more than the limit "
@@ -438,20 +424,10 @@ class UIDStore:
         keep = self.ids & set(listed)
         if keep == self.ids:
             return
-        tmp, made = f"{self.path}.{os.urandom(8).hex()}", False
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            made = True
-            with os.fdopen(fd, "wb") as f:
-                f.write("".join(f"{uid}\n" for uid in sorted(keep)).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(os.path.dirname(self.path))
+            files.write_atomic(self.path, "".join(f"{uid}\n" for uid in sorted(keep)).encode(),
+                               0o600)
         except OSError as e:
-            if made:
-                _unlink(tmp)
             raise self._error(e) from None
         self.ids = keep
 
@@ -460,7 +436,7 @@ class UIDStore:
         try:
             if self.fd is None:
                 self.fd = _open_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-                _fsync_dir(os.path.dirname(self.path))
+                files.fsync_dir(os.path.dirname(self.path))
             os.write(self.fd, f"{uid}\n".encode("ascii"))
             os.fsync(self.fd)
         except OSError as e:
@@ -473,13 +449,6 @@ class UIDStore:
             self.fd = None
 
 
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _open_file(path, flags):
     """A descriptor on the regular file at path, never through a link (ELOOP)
     nor blocking on a FIFO; OSError otherwise."""
@@ -489,12 +458,4 @@ def _open_file(path, flags):
         raise OSError(0, "not a regular file")
     os.set_blocking(fd, True)
     return fd
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

@@ -12,22 +12,24 @@ leading zero (section 6).  The message's first byte says its line ends:
 The server's side (masq-qmtpd) reads from a masq.smtp.Reader:
 read_length(), read_comma(), read_string(), and MessageStream, the message
 as LF lines for the spool.  A bare CR (or, in encoding #1, a bare LF) is
-refused as masq-smtpd refuses it (BareLineEndError): the spool keeps LF
-lines and the message goes on over SMTP.  A netstring that is not one
+refused as masq-smtpd refuses it (masq.smtp.BareLineEndError): the spool
+keeps LF lines and the message goes on over SMTP.  A netstring that is not one
 (a non-digit, a leading zero, no ":" or ",", a length over its cap) is a
 NetstringError: the stream cannot be followed after it.
 
 The client's side is ClientSession, made by masq.nexthop.connect() for a
-route with protocol = "qmtp": send(sender, recipients, stream) returns
-(letter, text) per recipient as masq.smtpclient's does, the message
-streamed from the spool file with LF line ends (a CRLF or a bare CR in it
-made one LF, as masq.wiremessage does for SMTP), never held in memory.
+route with protocol = "qmtp": send(sender, recipients, message) returns
+(letter, text) per recipient as masq.smtpclient's does, the message (a
+masq.wiremessage.WireMessage) streamed from the spool file with LF line
+ends (its lines(): a CRLF or a bare CR in it made one LF), never held in
+memory, its length counted when the WireMessage first read it.
 """
 import select
 import time
 
 from masq import Error
 from masq.outcome import DeliveryError, one_line
+from masq.smtp import BareLineEndError
 
 PORT = 209                          # section 7
 LENGTH_MAX_DIGITS = 20              # a netstring length longer than this is no length
@@ -67,13 +69,6 @@ class NetstringError(Error):
     def __init__(self, what):
         super().__init__(f"QMTP protocol error: {what}")
         self.what = what
-
-
-class BareLineEndError(Error):
-    """A line end the message's encoding does not allow."""
-
-    code = 65
-    temporary = False
 
 
 def netstring(data):
@@ -216,8 +211,9 @@ class ClientSession:
     def open(self):
         """QMTP has no greeting, no TLS and no AUTH: the connection is ready."""
 
-    def send(self, sender, recipients, stream):
-        """Send one package; [(letter, text)] in the order of `recipients`.
+    def send(self, sender, recipients, message):
+        """Send one package (a masq.wiremessage.WireMessage); [(letter, text)]
+        in the order of `recipients`.
 
         One response per recipient (section 2); one that comes before the
         whole package was sent (masq-qmtpd's early "too big") is taken for
@@ -231,7 +227,7 @@ class ClientSession:
             head = netstring(_address(sender))
         except ValueError as e:
             return _all(recipients, "D", f"bad address: {e}")
-        body = Body(stream)
+        body = Body(message)
         try:
             early = self._write_package(body, head + netstring(rcpts))
             if early is not None:
@@ -339,35 +335,13 @@ def read_response(conn, deadline, what):
 
 
 class Body:
-    """A message from the spool (a seekable stream from its position, or a
-    masq.wiremessage.WireMessage) as QMTP sends it: LF lines, its length first."""
+    """A masq.wiremessage.WireMessage as QMTP sends it: LF lines, its length first
+    (counted when the WireMessage read it; what it sends in front, a
+    DKIM-Signature, included)."""
 
-    def __init__(self, stream):
-        if hasattr(stream, "file") and hasattr(stream, "start"):   # a WireMessage
-            # its lines() hold what it sends in front (a DKIM-Signature) too
-            self.chunks = getattr(stream, "lines", None) or \
-                (lambda: _lf_pieces(stream.file, stream.start))
-        else:
-            start = stream.tell()
-            self.chunks = lambda: _lf_pieces(stream, start)
-        self.length = 0
-        for chunk in self.chunks():     # one pass to know the length it declares
-            self.length += len(chunk)
-
-
-def _lf_pieces(file, start):
-    """The bytes with LF ends only: CRLF and a bare CR become LF (as masq.wiremessage)."""
-    file.seek(start)
-    carry = b""
-    while chunk := file.read(READ_BYTES):
-        chunk = carry + chunk
-        carry = CR if chunk.endswith(CR) else b""
-        chunk = chunk[:len(chunk) - len(carry)]
-        if CR in chunk:
-            chunk = chunk.replace(b"\r\n", LF).replace(CR, LF)
-        yield chunk
-    if carry:
-        yield LF
+    def __init__(self, message):
+        self.chunks = message.lines
+        self.length = message.lf_size
 
 
 def _address(address):

@@ -35,7 +35,8 @@ class Relay:
         self.lost = {}              # destination -> connections lost in a row
         self.noted = {}             # destination -> (status, text) to store
         self.routes = {}            # name -> clientroute.Route, or the Error it raised
-        self.signatures = {}        # (queue id, route) -> its DKIM-Signature field (masq.dkim)
+        self.pipes = {}             # name -> masq.pipe.Pipe, or the Error it raised
+        self.signature = (None, b"")    # ((queue id, route), its DKIM-Signature field): the last
         self.parallel = max(1, int(conf.get("queue.parallel") or 1))
         self.hosts = None           # the HostStat, opened on first use
         self.aborted = False        # deliver() failed: workers stop taking messages
@@ -150,17 +151,15 @@ class Relay:
         from masq.connection import ConnectFailed
         name, domain = dest
         rcpts = [msg.recipients[i] for i in indices]
-        if route.route_table(self.conf, name).get("pipe"):     # a command, no SMTP: masq.pipe
-            from masq import pipe
-            return pipe.send(self.conf, name, msg, rcpts,
-                             lambda: _Data(msg, route.route_table(self.conf, name)))
+        table = route.route_table(self.conf, name)
+        if table.get("pipe"):       # a command, no SMTP: masq.pipe
+            return self.send_pipe(name, table, msg, rcpts)
         down = self.down.get(dest)
         if down:
             since, letter, text = down
             return [(letter, f"{_label(self.conf, dest)}: not tried, failed "
                      f"{time.time() - since:.0f} s ago: {text}")] * len(rcpts)
         smtp_route = self.routes[name]
-        table = route.route_table(self.conf, name)
         sender = route.rewrite(table, msg.sender) if msg.sender else msg.sender
         with _Data(msg, table) as data:
             message = wiremessage.WireMessage(data)
@@ -205,19 +204,36 @@ class Relay:
             answers.put(("host", dest, "down", results[0][1]))
         return results
 
+    def send_pipe(self, name, table, msg, rcpts):
+        """A pipe route's recipients of msg: its command runs, made once per run."""
+        from masq import pipe
+        command = self.pipes.get(name)
+        if command is None:
+            try:
+                command = pipe.Pipe(self.conf, name, table)
+            except Error as e:          # the route cannot work as configured: deferred
+                command = e
+            self.pipes[name] = command
+        if isinstance(command, Error):
+            return [("Z", str(command))] * len(rcpts)
+        return pipe.send(command, msg, rcpts, lambda: _Data(msg, table))
+
     def sign(self, name, signer, msg, message, sender):
-        """Put the route's DKIM-Signature in front of `message` (a WireMessage):
-        made once per message and route, for all its destinations."""
+        """Put the route's DKIM-Signature in front of `message` (a WireMessage).
+
+        The last field made is kept (one, not one per message of the run): a
+        message sent to several domains of an MX route one after another is
+        signed once."""
         from masq import dkim   # as in clientroute: only where a route signs
         key = (msg.id, name)
-        field = self.signatures.get(key)
-        if field is None:
+        last_key, field = self.signature        # one tuple: other workers replace it whole
+        if last_key != key:
             try:
                 field = signer.sign(b"".join(message.lines()), sender)
             except dkim.UnsignedError as e:
                 log.event(msg.id, str(e), relay=name, dkim="none")
                 field = b""
-            self.signatures[key] = field
+            self.signature = (key, field)
         if field:
             message.prepend(field)
 

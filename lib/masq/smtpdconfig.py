@@ -4,6 +4,7 @@ read_settings() gives every [smtpd] key of masq.schema (masq.toml(5)), its
 default when absent; config.load has refused values of the wrong kind, and
 a relay_nets entry that is no network, or a dnsbl or dnswl entry that is
 no zone name, is a ConfigError, never a guess.
+conf_file() reads -C from masq-smtpd's or masq-qmtpd's arguments.
 tls_context() builds the server's SSLContext once per process and again
 only when the certificate or key file changed.  A listener that forks a
 session per connection (masq-tcpserver) calls preload() once; load() in
@@ -19,6 +20,22 @@ TLS_MIN_VERSION = "TLSv1_2"
 
 _preloaded = None                   # (config, file key) read by the listener
 _tls_contexts = {}                  # (cert, key, client CA) -> (file keys, SSLContext)
+
+
+def conf_file(argv, doc=None):
+    """The -C FILE of a session program's arguments, or None.
+
+    `-C FILE` alone, what a listener passes on every connection, is read
+    without docopt; other arguments are parsed by the usage `doc`
+    (program.parse: bad usage exits), or without `doc` (a listener's
+    preload) name no file.
+    """
+    if len(argv) == 2 and argv[0] == "-C":
+        return argv[1]
+    if not argv or doc is None:
+        return None
+    from masq import program
+    return program.parse(doc, argv)["-C"]
 
 
 def load(conf_file):

@@ -50,6 +50,7 @@ import os
 import time
 
 from masq import Error
+from masq.files import fsync_dir
 
 VERSION = 1
 MAGIC = b"masq-spool %d " % VERSION
@@ -580,15 +581,6 @@ def _counters(fd):
     started = int(data[:20] or b"0")
     completed = int(data[20:40] or b"0")
     return started, completed
-
-
-def fsync_dir(path):
-    """Make the names in a folder durable (renames, links, new files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _no_link(path, flags):

@@ -7,7 +7,8 @@ copied first, in memory while small, else to a temporary file.  The first
 read finds what MAIL FROM declares and needs:
 
 - `size`: bytes on the wire with CRLF line ends, before dot-stuffing (the
-  SIZE parameter, RFC 1870);
+  SIZE parameter, RFC 1870); `lf_size`, the same with LF line ends (what
+  `lines()` yields: the length QMTP declares);
 - `eightbit`: a byte above 127 anywhere (BODY=8BITMIME, RFC 6152);
 - `utf8_addresses`: non-ASCII in an address header (SMTPUTF8, RFC 6531),
   found with masq.headers.scan, the one reader of a header section.
@@ -42,6 +43,7 @@ class WireMessage:
         else:
             self.file, self.start = _copy(stream), 0
         self.size = 0               # bytes on the wire (CRLF), before dot-stuffing
+        self.lf_size = 0            # bytes of lines() (LF line ends)
         self.head = b""             # prepend(): a field added in front (DKIM-Signature)
         self.eightbit = False
         self.utf8_addresses = False     # address headers with non-ASCII
@@ -53,7 +55,8 @@ class WireMessage:
         section = headers.scan(self.file)
         self.utf8_addresses = any(name in ADDRESS_HEADERS and not raw.isascii()
                                   for name, raw in section.fields)
-        for chunk in self._lines():
+        for chunk in self.lines():
+            self.lf_size += len(chunk)
             self.size += len(chunk) + chunk.count(b"\n")
             if not self.eightbit and not chunk.isascii():
                 self.eightbit = True
@@ -61,15 +64,12 @@ class WireMessage:
     def prepend(self, field):
         """Send these bytes (header fields with LF line ends) before the message."""
         self.head = field + self.head
+        self.lf_size += len(field)
         self.size += len(field) + field.count(b"\n")
 
     def lines(self):
-        """The message as it goes on the wire but with LF line ends, in pieces
-        (what masq.dkim signs)."""
-        return self._lines()
-
-    def _lines(self):
-        """The message in pieces with LF line ends only: CRLF and a bare CR become LF."""
+        """The message as it goes on the wire but with LF line ends only, in pieces
+        (what masq.dkim signs, what QMTP sends): CRLF and a bare CR become LF."""
         if self.head:
             yield self.head
         self.file.seek(self.start)
@@ -85,7 +85,7 @@ class WireMessage:
     def chunks(self):
         """The message as CRLF lines, dot-stuffed, ending with CRLF.CRLF."""
         at_line_start, empty = True, True
-        for chunk in self._lines():
+        for chunk in self.lines():
             if not chunk:
                 continue
             empty = False

@@ -18,7 +18,6 @@ the server only once it is durable (never with keep).  Envelope, unique
 ids and exit codes: masq-fetch(8).
 """
 import io
-import os
 import sys
 
 from masq import (Error, address, config, handoff, headers, log, message, pop3, program,
@@ -37,11 +36,10 @@ MAX_RECIPIENTS = 100            # a message for more stays on the server
 def main(argv=None):
     args = program.parse(__doc__, argv, usage_code=Exit.USAGE)
     conf = config.load(args["-C"])
-    if os.geteuid() == 0:
-        # root (sendmail -g in system mode): write the spool as its owner, the
-        # masq user, from here on; password files are read after this
-        from masq import privilege
-        privilege.as_spool_owner(conf.path("spool"))
+    # root (sendmail -g in system mode): write the spool as its owner, the
+    # masq user, from here on; password files are read after this
+    from masq import privilege
+    privilege.as_spool_owner(conf.path("spool"))
     log.setup(conf)
     names = [name for name, table in conf.routes if table.get("fetch")]
     if args["--route"]:

@@ -38,11 +38,7 @@ RECIPIENT_RESPONSES = {policy.RELAY_DENIED: qmtp.RELAY_DENIED,
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and not (len(argv) == 2 and argv[0] == "-C"):
-        conf_file = program.parse(__doc__, argv)["-C"]
-    else:
-        conf_file = argv[1] if argv else None
+    conf_file = smtpdconfig.conf_file(sys.argv[1:] if argv is None else argv, __doc__)
     try:
         conf, settings = smtpdconfig.load(conf_file)
     except Error:
@@ -54,24 +50,23 @@ def main(argv=None):
         if session.ending:
             session.refuse()
     except qmtp.NetstringError as e:
-        session.log_line(f"qmtp: client={session.who()} {e}")
+        session.log_line(f"qmtp: client={session.client.who()} {e}")
         session.refuse(qmtp.PROTOCOL_ERROR.format(e.what))
     except smtp.TimeoutError_ as e:       # QMTP has no way to say it: the session ends
-        session.log_line(f"qmtp: client={session.who()} too slow: {e}")
+        session.log_line(f"qmtp: client={session.client.who()} too slow: {e}")
     except smtp.ConnectionLost:
         pass
     except BrokenPipeError:
         pass
     finally:
-        if session.guard is not None:
-            session.guard.close()
+        session.recipients.close()
     return Exit.OK
 
 
 def preload(argv=()):
     """For masq-tcpserver: load once what each forked session would load itself."""
     from masq import envelope, handoff, localpart, spool  # noqa: F401 -- once, in the listener
-    smtpdconfig.preload(argv[1] if len(argv) == 2 and argv[0] == "-C" else None)
+    smtpdconfig.preload(smtpdconfig.conf_file(argv))
 
 
 def _write(data):
@@ -93,20 +88,12 @@ class Session:
         if settings["session_deadline"]:
             self.reader.session_deadline = time.monotonic() + settings["session_deadline"]
         self.client = policy.Client(environ, settings["relay_nets"])
-        self.recipients = policy.RecipientPolicy(conf, self.client)
-        self.guard = (policy.Guard(conf, settings, self.client, self.log_line)
-                      if policy.Guard.wanted(settings) else None)
-        self.refused = 0            # recipients refused in the session (max_refused_recipients)
+        self.recipients = policy.Recipients(conf, settings, self.client, self.log_line)
         self.ending = False         # over max_refused_recipients: no package after this one
         self.out = []
 
-    def who(self):
-        return self.client.ip or "local"
-
     def log_line(self, text):
-        if not log.ready():
-            log.setup(self.conf)
-        log.line(text)
+        log.conf_line(self.conf, text)
 
     def flush(self):
         """Send the responses waiting; the spec lets us hold them while input is pending."""
@@ -125,7 +112,7 @@ class Session:
             _signal.alarm(0)
 
     def run(self):
-        program.title(f"masq-qmtpd {self.who()}")
+        program.title(f"masq-qmtpd {self.client.who()}")
         while not self.ending:
             reader = self.reader
             if not reader.buf:
@@ -143,7 +130,7 @@ class Session:
         if settings["data_deadline"]:
             reader.deadline = time.monotonic() + settings["data_deadline"]
             reader.deadline_name = "data"
-        program.title(f"masq-qmtpd {self.who()}: package")
+        program.title(f"masq-qmtpd {self.client.who()}: package")
         length = qmtp.read_length(reader)
         if length == 0:
             raise qmtp.NetstringError("an empty message has no line-end mark")
@@ -152,7 +139,7 @@ class Session:
             raise qmtp.NetstringError("a message starts with neither LF nor CR")
         crlf = mark == qmtp.CR
         if self.max_size and qmtp.most_decoded_bytes(length - 1, crlf) > self.max_size:
-            self.log_line(f"qmtp: client={self.who()} refused a message of {length - 1} "
+            self.log_line(f"qmtp: client={self.client.who()} refused a message of {length - 1} "
                           f"bytes: max_size is {self.max_size}")
             self.refuse(qmtp.TOO_BIG)       # not reading 200 MiB to say no
             raise smtp.ConnectionLost("refused early")
@@ -166,12 +153,10 @@ class Session:
         from masq import handoff, spool    # as masq-smtpd: only a message pays for them
         from masq.envelope import Envelope
         queue = spool.Spool(self.conf.path("spool"))
-        # trusted: RELAYCLIENT let it relay; its mail is bounced, not taken for a
-        # stranger's (attempt.came_from_outside), as masq-smtpd's trusted_by() says
-        trusted = "relayclient" if self.client.relayclient is not None else None
         trace = {k: v for k, v in (("proto", "qmtp"), ("client", self.client.ip),
                                    ("client_name", self.client.name),
-                                   ("user", self.client.user), ("trusted", trusted)) if v}
+                                   ("user", self.client.user),
+                                   ("trusted", self.client.trusted_by())) if v}
         seen = {}
 
         def envelope():
@@ -195,7 +180,7 @@ class Session:
                 message = (qmtp.ACCEPTED.format(qid) if qid else qmtp.ACCEPTED_NO_ID)
             except Refused:
                 pass
-            except qmtp.BareLineEndError:
+            except smtp.BareLineEndError:
                 message = qmtp.BARE_LINE_END
             except spool.NulError:
                 message = qmtp.NUL_IN_MESSAGE
@@ -204,7 +189,7 @@ class Session:
             except (qmtp.NetstringError, smtp.TimeoutError_, smtp.ConnectionLost):
                 raise
             except Error as e:
-                log.warn(f"unable to queue a message from {self.who()}: {e}")
+                log.warn(f"unable to queue a message from {self.client.who()}: {e}")
                 message = qmtp.QUEUE_FAILED if e.temporary else qmtp.REJECTED
         finally:
             if "responses" not in seen and message is not None:
@@ -254,25 +239,12 @@ class Session:
             return qmtp.BAD_RECIPIENT
         if len(accepted) >= self.settings["max_recipients"]:
             return qmtp.TOO_MANY_RCPTS
-        if path.lower() == "postmaster":        # as RFC 5321 section 4.5.1
-            path = f"{path}@{self.conf.hostname}"
-        path = self.recipients.rewrite(path)
-        try:
-            verdict = self.recipients.verdict(path, False)
-        except policy.AliasesUnavailableError as e:
-            log.warn(str(e))
+        path, verdict, detail = self.recipients.judge(path, sender, False)
+        if verdict == policy.ALIASES_UNAVAILABLE:
             return qmtp.ALIASES_UNAVAILABLE
-        detail = None
-        if verdict == policy.ACCEPT and self.guard is not None:
-            verdict, detail = self.guard.verdict(sender, path, False)
-        if verdict in policy.REFUSED:     # as masq-smtpd: a client guessing addresses
-            self.refused += 1
-            cap = self.settings["max_refused_recipients"]
-            if cap and self.refused > cap:
-                self.log_line(f"too many refused recipients: client={self.who()} "
-                              f"refused={self.refused}")
-                self.ending = True
-                return qmtp.TOO_MANY_REFUSED
+        if verdict == policy.TOO_MANY_REFUSED:
+            self.ending = True
+            return qmtp.TOO_MANY_REFUSED
         if verdict == policy.ACCEPT:
             accepted.append(path)
             return None
@@ -299,16 +271,17 @@ class Refused(Error):
 
 
 def _text(raw):
-    """An address as text (UTF-8), or None: too long, not UTF-8, or with a control."""
+    """An address as text (UTF-8), or None: absent (over its cap) or not UTF-8.
+
+    Its length and its characters (controls too) are the caller's to check:
+    address.check, for the sender and in each recipient's verdict.
+    """
     if raw is None:
         return None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if any(c in text for c in "\r\n\0"):
-        return None
-    return text
 
 
 def _spill(stream):

@@ -103,9 +103,11 @@ def show(conf, queue, qid):
 
 def greylist(conf, pattern, clear):
     """List the greylist's triplets (those PATTERN matches), or forget them."""
-    from masq import greylist
+    from masq import greylist, privilege
     path = conf.path("spool")
-    _as_spool_owner(path)
+    # root, in system mode: become the spool's owner, so that the sqlite files
+    # made now (-wal, -shm) are the masq user's, whose masq-smtpd must write them
+    privilege.as_spool_owner(path)
     table = greylist.Greylist(path)
     try:
         if clear:
@@ -120,14 +122,6 @@ def greylist(conf, pattern, clear):
     finally:
         table.close()
     return Exit.OK
-
-
-def _as_spool_owner(path):
-    """root, in system mode: become the spool's owner, so that the sqlite files
-    made now (-wal, -shm) are the masq user's, whose masq-smtpd must write them."""
-    if os.geteuid() == 0:
-        from masq import privilege
-        privilege.as_spool_owner(path)
 
 
 def change(conf, queue, args):

@@ -74,7 +74,7 @@ import os
 import pwd
 import sys
 
-from masq import Error, config, passwords, program, spool
+from masq import Error, config, files, passwords, program, spool
 from masq.program import Exit
 
 PROFILES = ("local-only", "smarthost", "direct", "lan-server")
@@ -322,10 +322,12 @@ def profile_text(profile, folder, args):
     host, port = _relay(args["--relay"])
     auth = ""
     if args["--user"]:
-        if any(ord(c) < 32 or ord(c) == 127 for c in args["--user"]):
-            raise UsageError("--user: a control character in the name")
-        name = args["--user"].replace("\\", "\\\\").replace('"', '\\"')
-        auth = f'auth = {{ user = "{name}", password_file = "{SECRET_FILE}" }}\n'
+        from masq import tomlwrite
+        name = args["--user"]
+        if tomlwrite.escape(name) != name:
+            raise UsageError("--user: a control character (or a byte that is not UTF-8) "
+                             "in the name")
+        auth = f"auth = {tomlwrite.toml_value({'user': name, 'password_file': SECRET_FILE})}\n"
     return ONLINE_NOTE.format(route="smarthost", folder=folder) \
         + SMTPD.format(nets=_list(LOOPBACK)) \
         + SMARTHOST.format(host=f"{host}:{port}", tls="tls" if port == 465 else "starttls",
@@ -408,7 +410,7 @@ def make_dkim_key(folder, args):
         args["--algorithm"])
     if algorithm is None:
         raise UsageError("--algorithm must be rsa or ed25519")
-    bits = args["--bits"] or "2048"
+    bits = args["--bits"]
     if not bits.isdigit() or not 1024 <= int(bits) <= 8192:
         raise UsageError("--bits must be a number from 1024 to 8192 (2048 is usual)")
     name = os.path.join("keys", dkim.key_file_name(selector, domain))
@@ -470,32 +472,7 @@ def write_secret(path, password):
     as one line, bytes as they are.  No temporary file is left behind."""
     data = password if isinstance(password, bytes) else \
         password.encode("utf-8", "surrogateescape") + b"\n"
-    _write_atomic(path, f"{path}.{os.getpid()}", data, 0o600)
-
-
-def _write_atomic(path, tmp, data, mode):
-    """data into tmp (created with mode), fsynced and renamed to path; tmp removed
-    on any failure."""
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:             # left by a run that was killed
-        os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    files.write_atomic(path, data, 0o600)
 
 
 def import_masqmail(args):
@@ -511,7 +488,8 @@ def import_masqmail(args):
         os.makedirs(folder, exist_ok=True)
         for name, secret in result.secrets.items():     # before the masq.toml naming them
             write_secret(os.path.join(folder, name), secret)
-        write(folder, "import-masqmail", None, "mbox", _user(), text=result.toml, mode=mode)
+        make_folder(folder, _user())
+        _write_new(os.path.join(folder, "masq.toml"), result.toml, mode)
     except OSError as e:
         raise Error(f"unable to write {e.filename}: {e.strerror}", code=Exit.CANTCREAT) from None
     for note in result.notes:
@@ -525,12 +503,18 @@ def import_masqmail(args):
     return Exit.OK
 
 
-def write(folder, profile, hostname, mailbox, user, extra="", text=None, mode=0o666):
-    """Make the folder; keep files a person may have edited.  `text`: the whole
-    masq.toml instead of the profile's, written with `mode` (less the umask), last."""
-    os.makedirs(folder, exist_ok=True)
+def write(folder, profile, hostname, mailbox, user, extra=""):
+    """Make the folder and its masq.toml; keep files a person may have edited."""
+    make_folder(folder, user)
     path = {"maildir": "mail/{user}/", "mbox": "mail/{user}", "mda": "mail/{user}"}[mailbox]
     users = USERS_SYSTEM if profile in OUTSIDE else USERS_ANY
+    _write_new(os.path.join(folder, "masq.toml"), LOCAL_ONLY.format(
+        profile=profile, hostname=hostname, mailbox=mailbox, path=path, users=users) + extra)
+
+
+def make_folder(folder, user):
+    """A folder's aliases (kept if there), spool, mail/ and bin/ links: all but masq.toml."""
+    os.makedirs(folder, exist_ok=True)
     root = f"root: {user}\n" if user != "root" else ""
     _write_new(os.path.join(folder, "aliases"), ALIASES.format(user=user, root=root))
     spool.Spool(os.path.join(folder, "spool")).create()
@@ -545,15 +529,12 @@ def write(folder, profile, hostname, mailbox, user, extra="", text=None, mode=0o
         if os.path.lexists(link):
             os.unlink(link)
         os.symlink(target, link)
-    _write_new(os.path.join(folder, "masq.toml"), text or LOCAL_ONLY.format(
-        profile=profile, hostname=hostname, mailbox=mailbox, path=path, users=users) + extra,
-        mode)
 
 
 def _write_new(path, text, mode=0o666):
     if os.path.exists(path):
         return
-    _write_atomic(path, path + ".tmp", text.encode(), mode)
+    files.write_atomic(path, text.encode(), mode)
 
 
 def _user():

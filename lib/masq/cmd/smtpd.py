@@ -50,11 +50,7 @@ TOO_MANY_REFUSED = "421 4.7.0 {} Error: too many refused recipients"
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and not (len(argv) == 2 and argv[0] == "-C"):
-        conf_file = program.parse(__doc__, argv)["-C"]
-    else:
-        conf_file = argv[1] if argv else None
+    conf_file = smtpdconfig.conf_file(sys.argv[1:] if argv is None else argv, __doc__)
     try:
         conf, settings = smtpdconfig.load(conf_file)
     except Error:
@@ -66,7 +62,7 @@ def main(argv=None):
             session.run()
         except smtp.DeadlineError as e:
             session.reply(smtp.TOO_SLOW.format(session.host, e.what))
-            session.log_line(f"too slow: client={session.who()} deadline={e.what}")
+            session.log_line(f"too slow: client={session.client.who()} deadline={e.what}")
         except smtp.TimeoutError_:
             session.reply(smtp.TIMEOUT.format(session.host))
         except smtp.ConnectionLost:
@@ -88,7 +84,7 @@ def preload(argv=()):
     and TLS context (masq.smtpdconfig.preload).
     """
     from masq import anvil, handoff, localpart, sasl  # noqa: F401 -- once, in the listener
-    smtpdconfig.preload(argv[1] if len(argv) == 2 and argv[0] == "-C" else None)
+    smtpdconfig.preload(smtpdconfig.conf_file(argv))
 
 
 def _write(text):
@@ -117,10 +113,7 @@ class ServerSession:
         self.esmtp = False
         self.pending_line = None
         self.client = policy.Client(environ, settings["relay_nets"])
-        self.recipients = policy.RecipientPolicy(conf, self.client)
-        self.guard = (policy.Guard(conf, settings, self.client, self.log_line)
-                      if policy.Guard.wanted(settings) else None)
-        self.refused = 0            # recipients refused in the session (max_refused_recipients)
+        self.recipients = policy.Recipients(conf, settings, self.client, self.log_line)
         self.tls = None             # the ssl.SSLSocket after STARTTLS
         self.tls_files = smtpdconfig.tls_files(conf, settings)
         self.starttls_offered = self.tls_files is not None and net.stdio_is_one_socket()
@@ -181,12 +174,7 @@ class ServerSession:
             self.tls = self.reader.tls = None
         if self.anvil is not None:
             self.anvil.close()
-        if self.guard is not None:
-            self.guard.close()
-
-    def who(self):
-        """The client for the log: its IP, or "local"."""
-        return self.client.ip or "local"
+        self.recipients.close()
 
     def counted_as(self):
         """The client for the AUTH failure table: an IPv6 client counts by its /64,
@@ -194,10 +182,7 @@ class ServerSession:
         return net.prefix(self.client.ip, 64) if self.client.ip else "local"
 
     def log_line(self, text):
-        """One event line, the log opened at the first."""
-        if not log.ready():
-            log.setup(self.conf)
-        log.line(text)
+        log.conf_line(self.conf, text)
 
     def command_deadline(self):
         """Seconds a command line may take from its first byte, or None."""
@@ -319,28 +304,14 @@ class ServerSession:
             return
         if not self.utf8 and not path.isascii():
             raise smtp.ProtocolError(smtp.NON_ASCII)
-        if path.lower() == "postmaster":        # RFC 5321 section 4.5.1
-            path = f"{path}@{self.host}"
-        path = self.recipients.rewrite(path)
-        authenticated = self.auth_user is not None
-        try:
-            verdict = self.recipients.verdict(path, authenticated)
-        except policy.AliasesUnavailableError as e:
-            log.warn(str(e))
+        path, verdict, detail = self.recipients.judge(path, self.sender,
+                                                      self.auth_user is not None)
+        if verdict == policy.ALIASES_UNAVAILABLE:
             self.reply(smtp.ALIASES_UNAVAILABLE, counted=False)     # our fault, not theirs
             return
-        detail = None
-        if verdict == policy.ACCEPT and self.guard is not None:
-            verdict, detail = self.guard.verdict(self.sender, path, authenticated)
-        if verdict in policy.REFUSED:
-            # a client guessing addresses: Postfix's smtpd_hard_error_limit for them
-            self.refused += 1
-            cap = self.settings["max_refused_recipients"]
-            if cap and self.refused > cap:
-                self.log_line(f"too many refused recipients: client={self.who()} "
-                              f"refused={self.refused}")
-                self.reply(TOO_MANY_REFUSED.format(self.host))
-                return False
+        if verdict == policy.TOO_MANY_REFUSED:
+            self.reply(TOO_MANY_REFUSED.format(self.host))
+            return False
         if verdict == policy.ACCEPT:
             self.rcpts.append(path)
         if verdict in (policy.GREYLISTED, policy.DEFERRED):
@@ -457,20 +428,10 @@ class ServerSession:
             proto = ("esmtp" if proto == "smtp" else proto) + suffix
         trace = {"proto": proto, "client": self.client.ip, "client_name": self.client.name,
                  "helo": self.helo, "user": self.client.user, "auth": self.auth_user,
-                 "cert": self.client.certificate, "trusted": self.trusted_by()}
+                 "cert": self.client.certificate, "trusted": self.client.trusted_by()}
         if len(self.rcpts) == 1:
             trace["for"] = self.rcpts[0]
         return {k: v for k, v in trace.items() if v}
-
-    def trusted_by(self):
-        """What let a client outside relay_nets relay without AUTH: "cert", "relayclient".
-
-        Kept in the spool, so that a failure of its mail is bounced, not taken
-        for mail from outside (attempt.came_from_outside).
-        """
-        if self.client.certificate is not None:
-            return "cert"
-        return "relayclient" if self.client.relayclient is not None else None
 
     def smtp_RSET(self, arg):
         if arg:
@@ -540,7 +501,7 @@ class ServerSession:
         peercert = tls.getpeercert() if self.tls_files[2] else None
         if peercert:                # CERT_OPTIONAL: only a verified one gets here
             self.client.certificate = policy.certificate_subject(peercert)
-            self.log_line(f"tls: client={self.who()} cert={self.client.certificate}")
+            self.log_line(f"tls: client={self.client.who()} cert={self.client.certificate}")
 
     def auth_offered(self):
         """AUTH goes only over TLS (unless auth_without_tls) and with a usable backend."""
@@ -575,7 +536,7 @@ class ServerSession:
         mechanism, _, initial = arg.strip(" ").partition(" ")
         mechanism = mechanism.upper()
         from masq import anvil, passwords, sasl     # as in auth_offered(), which loaded them
-        who = self.who()
+        who = self.client.who()
         try:
             if self.failures() is not None and self.failures().locked(self.counted_as()):
                 raise anvil.LockedError(who)    # no 334, no check: refused at once
