@@ -475,3 +475,31 @@ def test_in_process_deliver(masq, monkeypatch):
     assert [letter for letter, _ in got] == ["K", "K"]
     assert len(calls) == 3      # the header check, then one copy per mailbox
     assert maildir_messages(masq, "carol") == [head("a@b.example", "carol@localhost") + MESSAGE]
+
+
+def test_folder_sync_holds_at_most_max_owed_folders_and_reports_an_early_failure(
+        tmp_path, monkeypatch):
+    from masq import mailbox
+    sync = mailbox.FolderSync()
+    real_fsync, bad = os.fsync, set()
+
+    def fsync(fd):
+        if os.fstat(fd).st_ino in bad:
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folders = []
+    for i in range(mailbox.FolderSync.MAX_OWED + 6):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        folders.append(folder)
+    bad.add(os.stat(folders[3]).st_ino)        # fsynced early, when the cap is reached
+    for i, folder in enumerate(folders):
+        sync.label = f"q{i}"
+        sync.owe(os.open(folder, os.O_RDONLY | os.O_DIRECTORY), str(folder))
+        assert len(sync.owed) < mailbox.FolderSync.MAX_OWED
+    assert sync.pending()
+    failed = sync.sync()
+    assert list(failed) == ["q3"] and "Input/output error" in failed["q3"], failed
+    assert not sync.pending() and sync.sync() == {}

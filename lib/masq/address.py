@@ -104,8 +104,9 @@ def check_domain(domain, address=None):
 
 
 def _control(c):
-    """A C0 or C1 control or DEL (RFC 6531's UTF8-non-ascii is text, these are not)."""
-    return ord(c) < 32 or 127 <= ord(c) < 160
+    """A C0 or C1 control, DEL, or a Unicode line or paragraph separator (RFC 6531's
+    UTF8-non-ascii is text, these are not: str.splitlines() breaks lines at them)."""
+    return ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"
 
 
 def _is_literal(text):

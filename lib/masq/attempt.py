@@ -125,7 +125,7 @@ class Run:
                         due[msg.id] = None
                     elif plan.remote:
                         held.append(plan)
-                    elif self.folders is not None and self.folders.owed:
+                    elif self.folders is not None and self.folders.pending():
                         if not group:
                             started = time.monotonic()
                         group.append(plan)  # finished after its folders' fsync
@@ -161,7 +161,7 @@ class Run:
 
     def sync(self):
         """fsync the folders owed (group commit); note the messages whose fsync failed."""
-        if self.folders is not None and self.folders.owed:
+        if self.folders is not None and self.folders.pending():
             self.not_durable.update(self.folders.sync())
 
     def plan(self, msg):

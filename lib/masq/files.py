@@ -5,12 +5,12 @@
     files.write_atomic(path, data, 0o600, exclusive=True)   # FileExistsError if path is
     files.fsync_dir(folder)                            # names made durable
 
-write_atomic writes a temporary file beside `path` (PATH.PID.tmp, created
+write_atomic writes a temporary file beside `path` (created
 with O_EXCL and O_NOFOLLOW: never through a link someone left there),
 fsyncs it, renames it onto `path` (exclusive: links it there, so an
 existing file is never replaced) and fsyncs the folder.  The temporary file
-is removed on any failure; one left by a killed run of the same pid is
-replaced.  Only os: every program may import it.
+(PATH.PID.RANDOM.tmp) is removed on any failure.  Only os: every program
+may import it.
 """
 import os
 
@@ -19,14 +19,9 @@ def write_atomic(path, data, mode, owner=None, exclusive=False):
     """`data` (bytes) as the file `path`, mode `mode` less the umask, as open(2)
     makes it; owner=(uid, gid): chowned to them and given exactly `mode` (only
     its creator can read it until then)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"    # two writers, one pid: threads
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    first = 0o600 if owner else mode
-    try:
-        fd = os.open(tmp, flags, first)
-    except FileExistsError:             # left by a run that was killed
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, first)
+    fd = os.open(tmp, flags, 0o600 if owner else mode)
     try:
         try:
             if owner:

@@ -142,9 +142,12 @@ class FolderSync:
     whose folder's fsync failed: those deliveries are not durable.
     """
 
+    MAX_OWED = 64                   # folders held open at most: then fsynced at once
+
     def __init__(self):
         self.label = None
         self.owed = {}              # (st_dev, st_ino) -> [fd, folder, {label}]
+        self.failed = {}            # label -> reason, from an early fsync (MAX_OWED)
 
     def owe(self, fd, folder):
         try:
@@ -155,11 +158,22 @@ class FolderSync:
         entry = self.owed.get((st.st_dev, st.st_ino))
         if entry is None:
             self.owed[(st.st_dev, st.st_ino)] = [fd, folder, {self.label}]
+            if len(self.owed) >= self.MAX_OWED:     # a message for many mailboxes: do
+                self.failed.update(self._fsync())   # not run out of descriptors
         else:
             os.close(fd)
             entry[2].add(self.label)
 
+    def pending(self):
+        """Is a fsync owed, or a failed early one not yet reported?"""
+        return bool(self.owed or self.failed)
+
     def sync(self):
+        failed, self.failed = self.failed, {}
+        failed.update(self._fsync())
+        return failed
+
+    def _fsync(self):
         failed = {}
         owed, self.owed = self.owed, {}
         for fd, folder, labels in owed.values():
@@ -176,7 +190,7 @@ class FolderSync:
         """Forget what is owed (its deliveries were not reported): close the folders."""
         for fd, _, _ in self.owed.values():
             os.close(fd)
-        self.owed = {}
+        self.owed, self.failed = {}, {}
 
 
 def _open_maildir(folder):

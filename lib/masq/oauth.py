@@ -170,7 +170,8 @@ def _cached(route):
         return None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or passwords.secret_problem(route.token_cache, st):
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077 \
+                or passwords.secret_problem(route.token_cache, st):
             return None         # not ours, or others could read it: not trusted
         with os.fdopen(fd, "r", encoding="utf-8", errors="replace", closefd=False) as f:
             lines = f.read(MAX_OUTPUT_BYTES).splitlines()
