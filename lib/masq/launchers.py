@@ -21,6 +21,7 @@ import sys
 import sysconfig
 
 import masq
+from masq import files
 
 
 def rewrite(path, lib, site_packages):
@@ -37,11 +38,8 @@ def rewrite(path, lib, site_packages):
     if lib != site_packages:
         search = f"sys.path.insert(0, {lib!r}); {search}"
     lines = [f"#!{sys.executable} -IS", f"import sys; {search}", *body]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    files.write_atomic(path, "\n".join(lines).encode(), 0o755)
+    os.chmod(path, 0o755)           # whatever the umask: every user runs the programs
     return True
 
 

@@ -279,14 +279,8 @@ class Plan:
                                                  cwd=_cwd(env, self.conf), timeout=timeout)
 
     def _mda_argv(self, info):
-        import shlex        # it imports re: only an MDA delivery pays for that
         template = self.conf.get("local.mda") or "procmail -d {user}"
-        try:
-            words = shlex.split(template)
-        except ValueError as e:
-            raise DeliveryError(f"[local] mda does not parse: {e}") from None
-        if not words:
-            raise DeliveryError("[local] mda is empty")
+        words = child.split_command(template, "[local] mda")
         values = {"user": info["user"], "home": info["home"], "sender": self.sender,
                   "recipient": info["rcpt"], "local": info["local"],
                   "domain": info["domain"]}
