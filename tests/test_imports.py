@@ -8,6 +8,7 @@ and masq-smtpd for its other names and -odi/-odb (masq-inject(8)).
 """
 import ast
 import os
+import sys
 
 import pytest
 
@@ -66,3 +67,24 @@ def test_the_check_sees_an_import_of_a_program_body(tmp_path):
     path.write_text("def f():\n    from masq.cmd import queue\n    import masq.cmd.send\n"
                     "    from masq.cmd.local import main\n")
     assert cmd_imports(str(path)) == {"queue", "send", "local"}
+
+
+def imported(stderr):
+    """The modules a -X importtime run imported."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_a_sendmail_call_imports_neither_os_nor_stat(masq):
+    """masq.pathenv: a submission takes its system calls from posix, as os would
+    give them (importing os is 1 ms of every call)."""
+    inject = os.path.join(os.path.dirname(sys.executable), "masq-inject")
+    masq.run([inject, "-odq", "-i", "bob@localhost"], input=b"Subject: x\n\nhi\n").ok()  # the cache
+    r = masq.run([sys.executable, "-I", "-S", "-X", "importtime", inject, "-odq", "-i",
+                  "bob@localhost"],
+                 input=b"Subject: x\n\nhi\n")
+    assert r.rc == 0, r
+    loaded = imported(r.err)
+    assert {"masq.cmd.inject", "masq.spool", "masq.config"} <= loaded, loaded
+    assert not loaded & {"os", "stat", "posixpath", "_collections_abc", "re", "enum"}, loaded
+    assert len(masq.queue_ids()) == 2

@@ -7,7 +7,7 @@ full name, as an RFC 2047 phrase if it needs one); Bcc and Return-Path are
 dropped by the caller (masq-inject); rmail's UUCP "From " lines give the
 sender.  Errors are sysexits: 65 for a bad address.
 """
-import os
+import posix
 import pwd
 import time
 
@@ -67,9 +67,9 @@ class Body:
 def user():
     """(login name, full name from the passwd GECOS field)."""
     try:
-        entry = pwd.getpwuid(os.getuid())
+        entry = pwd.getpwuid(posix.getuid())
     except KeyError:
-        return str(os.getuid()), ""
+        return str(posix.getuid()), ""
     full = entry.pw_gecos.split(",")[0]
     if "&" in full:                 # BSD: & stands for the capitalised login
         full = full.replace("&", entry.pw_name.capitalize())
@@ -121,7 +121,7 @@ def added_headers(section, login, fullname, sender, explicit, hostname):
     if not section.has("date"):
         lines.append(f"Date: {message.date()}\n")
     if not section.has("message-id"):
-        lines.append(f"Message-ID: <{time.time_ns():x}.{os.getpid():x}@{hostname}>\n")
+        lines.append(f"Message-ID: <{time.time_ns():x}.{posix.getpid():x}@{hostname}>\n")
     if not section.has("from"):
         mailbox = sender if explicit and sender else f"{login}@{hostname}"
         name = " ".join(fullname.split())       # no CR or LF from -F

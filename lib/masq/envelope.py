@@ -8,7 +8,7 @@ The sender may be empty (a bounce).  End of input before the final NUL means
 the writer gave up: nothing is queued.  Every address is at most
 MAX_ADDRESS_BYTES and holds no NUL, CR or LF.
 """
-import os
+import posix
 
 from masq import Error
 
@@ -85,7 +85,7 @@ def read(fd):
     limit = (MAX_RECIPIENTS + 1) * (MAX_ADDRESS_BYTES + 2)
     while True:
         try:
-            chunk = os.read(fd, READ_BYTES)
+            chunk = posix.read(fd, READ_BYTES)
         except OSError as e:
             raise Error(f"unable to read the envelope: {e.strerror}") from None
         if not chunk:

@@ -9,48 +9,50 @@ write_atomic writes a temporary file beside `path` (created
 with O_EXCL and O_NOFOLLOW: never through a link someone left there),
 fsyncs it, renames it onto `path` (exclusive: links it there, so an
 existing file is never replaced) and fsyncs the folder.  The temporary file
-(PATH.PID.RANDOM.tmp) is removed on any failure.  Only os: every program
-may import it.
+(PATH.PID.RANDOM.tmp) is removed on any failure.  Only posix (and
+masq.pathenv): every program may import it, sendmail's path too.
 """
-import os
+import posix
+
+from masq import pathenv
 
 
 def write_atomic(path, data, mode, owner=None, exclusive=False):
     """`data` (bytes) as the file `path`, mode `mode` less the umask, as open(2)
     makes it; owner=(uid, gid): chowned to them and given exactly `mode` (only
     its creator can read it until then)."""
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"    # two writers, one pid: threads
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600 if owner else mode)
+    tmp = f"{path}.{posix.getpid()}.{posix.urandom(4).hex()}.tmp"    # two writers, one pid: threads
+    flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
+    fd = posix.open(tmp, flags, 0o600 if owner else mode)
     try:
         try:
             if owner:
-                os.fchown(fd, *owner)
-                os.fchmod(fd, mode)     # after the chown, which clears set-id bits
+                posix.fchown(fd, *owner)
+                posix.fchmod(fd, mode)     # after the chown, which clears set-id bits
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+                view = view[posix.write(fd, view):]
+            posix.fsync(fd)
         finally:
-            os.close(fd)
+            posix.close(fd)
         if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            posix.link(tmp, path)
+            posix.unlink(tmp)
         else:
-            os.rename(tmp, path)
+            posix.rename(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
         raise
-    fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(pathenv.dirname(path) or ".")
 
 
 def fsync_dir(path):
     """Make the names in a folder durable (renames, links, new files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        posix.fsync(fd)
     finally:
-        os.close(fd)
+        posix.close(fd)

@@ -11,10 +11,10 @@ the client's verified TLS certificate, a comment in the Received line.
 Neither is kept in the spool.
 background() starts the delivery of what was queued, as sendmail -odb does.
 """
-import os
+import posix
 import time
 
-from masq import Error, log, message, program, spool
+from masq import Error, log, message, pathenv, program, spool
 from masq.program import Exit
 
 TRACE_ENV = {"proto": "MASQ_PROTO", "client": "MASQ_CLIENT",
@@ -68,7 +68,7 @@ def submit(conf, stream, env, trace, queue=None, timeout=HOOK_TIMEOUT_SECONDS):
     Returns the queue id (None from a $MASQ_QUEUE program, which tells none).
     Every program that hands messages to masq-queue goes through here.
     """
-    path = os.environ.get("MASQ_QUEUE")
+    path = pathenv.getenv("MASQ_QUEUE")
     if not path:
         return enqueue(conf, stream, env, trace, queue=queue)
     run_hook(path, stream, env, trace, timeout)
@@ -82,7 +82,8 @@ def run_hook(path, stream, env, trace, timeout=HOOK_TIMEOUT_SECONDS):
     it likes; the message is fed within the timeout.  Raises HookError unless
     the program exits 0.
     """
-    import subprocess   # as in masq.child: only a $MASQ_QUEUE hook pays for these
+    import os           # as in masq.child: only a $MASQ_QUEUE hook pays for these
+    import subprocess
     import tempfile
 
     from masq import child
@@ -114,7 +115,7 @@ def may_run_queue(conf):
     """Whether this process may start a queue run: always in single-user mode; in
     system mode only root, since masq-send must start as root to deliver locally
     (masq-lspawn(8)): anyone else leaves the message to the daemon or root's runq."""
-    return not conf.get("user") or os.geteuid() == 0
+    return not conf.get("user") or posix.geteuid() == 0
 
 
 def background(args, main=None):
@@ -128,35 +129,35 @@ def background(args, main=None):
     import sys
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    pid = posix.fork()
     if pid:
         try:
-            os.waitpid(pid, 0)
+            posix.waitpid(pid, 0)
         except ChildProcessError:   # SIGCHLD ignored: the kernel reaped it
             pass
         return
     code = Exit.TEMPFAIL
     try:
-        if os.fork() == 0:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
+        if posix.fork() == 0:
+            posix.setsid()
+            null = posix.open("/dev/null", posix.O_RDWR)
             for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
+                posix.dup2(null, fd)
+            posix.close(null)
             # a descriptor the caller passed down must not stay open for as long
             # as the delivery takes: the caller may be waiting for its EOF
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            posix.closerange(3, posix.sysconf("SC_OPEN_MAX"))
             if main is not None:
                 code = main(args)
             else:
-                path = os.path.join(os.path.dirname(sys.executable), "masq-send")
-                if not os.access(path, os.X_OK):
+                path = pathenv.join(pathenv.dirname(sys.executable), "masq-send")
+                if not posix.access(path, posix.X_OK):
                     import shutil   # as in masq.deliverer: only when not beside us
                     path = shutil.which("masq-send") or "masq-send"
-                os.execv(path, [path, *args])
+                posix.execv(path, [path, *args])
         else:
             code = Exit.OK
     except BaseException:   # noqa: BLE001 -- nobody is left to tell; the queue keeps it
         pass
     finally:
-        os._exit(code if isinstance(code, int) else Exit.TEMPFAIL)
+        posix._exit(code if isinstance(code, int) else Exit.TEMPFAIL)

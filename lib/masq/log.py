@@ -7,7 +7,7 @@ write(2) per line, so lines of concurrent programs never mix), "syslog" or
   2026-11-25T19:40:03Z masq-send[812]: 19abc-1f2: to=<bob@localhost> relay=local
       delay=0.21 status=sent (maildir)    (on one line)
 """
-import os
+import posix
 import sys
 import time
 
@@ -37,8 +37,8 @@ def setup(conf):
             syslog.openlog(program.name(), syslog.LOG_PID, syslog.LOG_MAIL)
         return
     try:
-        fd = os.open(conf.path(where, is_value=True),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = posix.open(conf.path(where, is_value=True),
+                        posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC, 0o640)
         _target = ("file", fd)
     except OSError as e:
         warn(f"unable to open log {where}: {e.strerror}; logging to stderr")
@@ -68,10 +68,10 @@ def line(text):
         syslog.syslog(syslog.LOG_INFO, text)
         return
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    data = f"{stamp} {program.name()}[{os.getpid()}]: {text}\n"
+    data = f"{stamp} {program.name()}[{posix.getpid()}]: {text}\n"
     try:
         if kind == "file":
-            os.write(fd, data.encode("utf-8", "replace"))
+            posix.write(fd, data.encode("utf-8", "replace"))
         else:
             sys.stderr.write(data)
             sys.stderr.flush()

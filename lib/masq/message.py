@@ -3,7 +3,7 @@
 Only what must be cheap lives here (dates, ids, the trace line); parsing a
 header section is masq.headers' job.
 """
-import os
+import posix
 import time
 
 
@@ -28,7 +28,7 @@ def received(qid, hostname, trace):
     proto = trace.get("proto") or "local"
     lines = []
     if proto == "local":
-        who = trace.get("user") or str(os.getuid())
+        who = trace.get("user") or str(posix.getuid())
         lines.append(f"Received: by {hostname} (masq, from user {who})")
     else:
         helo = trace.get("helo") or "unknown"

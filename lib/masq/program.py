@@ -4,10 +4,10 @@ Exit codes are the contract with the caller (DESIGN.md).  They are plain
 integers in a class, not an IntEnum: importing enum costs milliseconds that
 every `sendmail` call would pay.
 """
-import os
+import posix
 import sys
 
-from masq import Error
+from masq import Error, pathenv
 
 
 class Exit:
@@ -76,7 +76,7 @@ def classify(status, unknown_temporary=True):
 
 def name():
     """The name this program was called by (argv[0] without its folder)."""
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "masq"
+    return pathenv.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "masq"
 
 
 def parse(doc, argv=None, usage_code=Exit.PERMANENT, options_first=False):
@@ -119,14 +119,14 @@ def _load_setproctitle():
         import _frozen_importlib_external as external
         for folder in sys.path:
             try:
-                names = os.listdir(os.path.join(folder or ".", "setproctitle"))
+                names = posix.listdir(pathenv.join(folder or ".", "setproctitle"))
             except OSError:
                 continue
             for entry in names:
                 if entry.startswith("_setproctitle") and entry.endswith(".so"):
                     name = "setproctitle._setproctitle"
                     loader = external.ExtensionFileLoader(
-                        name, os.path.join(folder, "setproctitle", entry))
+                        name, pathenv.join(folder, "setproctitle", entry))
                     module = bootstrap.module_from_spec(bootstrap.spec_from_loader(name, loader))
                     loader.exec_module(module)
                     return module.setproctitle
@@ -167,7 +167,7 @@ def exit_now(code):
     """Exit with code without tearing the interpreter down (sendmail's last 1-2 ms).
 
     What a program leaves is on disk already (the spool and the log are
-    written with os.write, and fsynced where it matters): only stdout and
+    written with plain write(2)s, and fsynced where it matters): only stdout and
     stderr are flushed.  A program that still runs threads exits as usual.
     """
     try:
@@ -178,7 +178,7 @@ def exit_now(code):
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         sys.exit(code)
-    os._exit(code)
+    posix._exit(code)
 
 
 def _say(line):

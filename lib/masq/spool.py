@@ -46,10 +46,11 @@ one place.
 """
 import errno
 import fcntl
-import os
+import io
+import posix
 import time
 
-from masq import Error
+from masq import Error, pathenv
 from masq.files import fsync_dir
 
 VERSION = 1
@@ -108,25 +109,26 @@ class Spool:
         self.path = path
 
     def folder(self, name):
-        return os.path.join(self.path, name)
+        return pathenv.join(self.path, name)
 
     def create(self, mode=0o700):
         """Make the folders, the trigger FIFO and VERSION (idempotent)."""
+        import os       # makedirs: only masq-setup and check create a spool
         os.makedirs(self.path, mode=mode, exist_ok=True)
         for name in FOLDERS:
             os.makedirs(self.folder(name), mode=mode, exist_ok=True)
         fifo = self.folder("trigger")
-        if not os.path.lexists(fifo):
-            os.mkfifo(fifo, 0o622)
+        if not pathenv.lexists(fifo):
+            posix.mkfifo(fifo, 0o622)
         version = self.folder("VERSION")
-        if not os.path.lexists(version):
+        if not pathenv.lexists(version):
             # O_NOFOLLOW: root runs this (masq-setup system) in a folder masq owns
-            fd = os.open(version, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644)
+            fd = posix.open(version, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL
+                            | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o644)
             try:
-                os.write(fd, f"masq-spool {VERSION}\n".encode())
+                posix.write(fd, f"masq-spool {VERSION}\n".encode())
             finally:
-                os.close(fd)
+                posix.close(fd)
 
     def new_message(self, max_size=None):
         """A NewMessage in tmp/: write to it, then commit() it."""
@@ -135,7 +137,7 @@ class Spool:
     def ids(self, stage):
         """The ids in a stage folder, oldest first."""
         try:
-            names = os.listdir(self.folder(stage))
+            names = posix.listdir(self.folder(stage))
         except FileNotFoundError:
             raise SpoolError(f"no spool at {self.path}: make one with masq-setup") from None
         except OSError as e:        # system mode: a user who is not masq
@@ -147,8 +149,8 @@ class Spool:
         if "/" in qid or qid.startswith("."):
             raise SpoolError(f"{qid}: not a queue id", code=65, temporary=False)
         for stage in STAGES:
-            path = os.path.join(self.folder(stage), qid)
-            if os.path.exists(path):
+            path = pathenv.join(self.folder(stage), qid)
+            if pathenv.exists(path):
                 return Message(self, stage, qid)
         raise SpoolError(f"{qid}: no such message in the queue", code=67, temporary=False)
 
@@ -164,16 +166,16 @@ class Spool:
     def trigger(self):
         """Wake the masq-send daemon; False when none is listening."""
         try:
-            fd = os.open(self.folder("trigger"), os.O_WRONLY | os.O_NONBLOCK)
+            fd = posix.open(self.folder("trigger"), posix.O_WRONLY | posix.O_NONBLOCK)
         except OSError:
             self.woken = False
             return False
         try:
-            os.write(fd, b"\0")
+            posix.write(fd, b"\0")
         except OSError:     # the FIFO is full: the daemon has been woken already
             pass
         finally:
-            os.close(fd)
+            posix.close(fd)
         self.woken = True
         return True
 
@@ -193,11 +195,11 @@ class Spool:
         """
         path = self.folder(f".sync-{stage}")
         pid, fd = _sync_fds.get(path, (None, None))
-        if pid != os.getpid():
+        if pid != posix.getpid():
             # kept open for the process's life, one per spool folder; a forked
             # child opens its own: the parent's may be closed, or its number reused
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            _sync_fds[path] = (os.getpid(), fd)
+            fd = posix.open(path, posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
+            _sync_fds[path] = (posix.getpid(), fd)
         before = _counters(fd)[0]           # syncs started before our rename was done
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -205,9 +207,9 @@ class Spool:
             if completed > before:
                 return                      # a sync that began after our rename has ended
             started += 1
-            os.pwrite(fd, b"%020d" % started, 0)
+            posix.pwrite(fd, b"%020d" % started, 0)
             fsync_dir(self.folder(stage))
-            os.pwrite(fd, b"%020d" % started, 20)
+            posix.pwrite(fd, b"%020d" % started, 20)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -227,13 +229,13 @@ class NewMessage:
         now = int(time.time() * 1e6)
         while True:
             NewMessage._serial += 1
-            self.id = f"{now:x}-{os.getpid():x}"
+            self.id = f"{now:x}-{posix.getpid():x}"
             if NewMessage._serial > 1:
                 self.id += f"-{NewMessage._serial:x}"
-            self.tmp = os.path.join(spool.folder("tmp"), self.id)
+            self.tmp = pathenv.join(spool.folder("tmp"), self.id)
             try:
-                self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                  0o600)
+                self.fd = posix.open(self.tmp, posix.O_RDWR | posix.O_CREAT | posix.O_EXCL
+                                     | posix.O_CLOEXEC, 0o600)
                 break
             except FileExistsError:
                 continue
@@ -292,12 +294,12 @@ class NewMessage:
         for word, value in (trace or {}).items():
             if value:
                 records.append((word, value))
-        self._finish(_records(records), os.path.join(self.spool.folder("incoming"), self.id))
+        self._finish(_records(records), pathenv.join(self.spool.folder("incoming"), self.id))
         try:
             self.spool.sync_shared("incoming")
         except OSError as e:
             raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
-        os.close(self.fd)
+        posix.close(self.fd)
         return self.id
 
     def _finish(self, records, target):
@@ -308,9 +310,9 @@ class NewMessage:
             self._carry = b""
         self._write_raw(records)
         try:
-            os.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
-            os.fsync(self.fd)
-            os.rename(self.tmp, target)
+            posix.pwrite(self.fd, b"%0*d" % (SIZE_DIGITS, self.size), len(MAGIC))
+            posix.fsync(self.fd)
+            posix.rename(self.tmp, target)
         except OSError as e:
             raise SpoolError(f"unable to commit {self.tmp}: {e.strerror}") from None
         self._committed = True
@@ -319,17 +321,17 @@ class NewMessage:
         """Remove the unfinished message."""
         if self.fd is not None:
             try:
-                os.unlink(self.tmp)
+                posix.unlink(self.tmp)
             except OSError:
                 pass
-            os.close(self.fd)
+            posix.close(self.fd)
             self.fd = None
 
     def _write_raw(self, data):
         view = memoryview(data)
         while view:
             try:
-                n = os.write(self.fd, view)
+                n = posix.write(self.fd, view)
             except OSError as e:
                 raise SpoolError(f"unable to write {self.tmp}: {e.strerror}") from None
             view = view[n:]
@@ -342,7 +344,7 @@ class Message:
         self.spool = spool
         self.stage = stage
         self.id = qid
-        self.path = os.path.join(spool.folder(stage), qid)
+        self.path = pathenv.join(spool.folder(stage), qid)
         self._fd = None
         self._read()
 
@@ -439,7 +441,7 @@ class Message:
         """
         if self._fd is None:
             try:
-                self._fd = _no_link(self.path, os.O_RDWR | os.O_CLOEXEC)
+                self._fd = _no_link(self.path, posix.O_RDWR | posix.O_CLOEXEC)
             except FileNotFoundError:
                 return False
         try:
@@ -447,7 +449,7 @@ class Message:
         except BlockingIOError:
             return False
         try:
-            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+            same = posix.stat(self.path).st_ino == posix.fstat(self._fd).st_ino
         except FileNotFoundError:
             same = False
         if not same:
@@ -456,7 +458,7 @@ class Message:
 
     def unlock(self):
         if self._fd is not None:
-            os.close(self._fd)
+            posix.close(self._fd)
             self._fd = None
 
     def record(self, outcomes, sync=True):
@@ -481,7 +483,7 @@ class Message:
             new.copy_from(stream)
             new._finish(records, self.path)
         try:
-            fsync_dir(os.path.dirname(self.path))
+            fsync_dir(pathenv.dirname(self.path))
         except OSError as e:
             raise SpoolError(f"unable to sync {self.path}: {e.strerror}") from None
         self.unlock()
@@ -497,24 +499,24 @@ class Message:
 
     def _append(self, data, sync):
         try:
-            fd = _no_link(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            fd = _no_link(self.path, posix.O_RDWR | posix.O_APPEND | posix.O_CLOEXEC)
             try:
-                end = os.lseek(fd, 0, os.SEEK_END)
-                if os.pread(fd, 1, end - 1) != b"\n":
+                end = posix.lseek(fd, 0, io.SEEK_END)
+                if posix.pread(fd, 1, end - 1) != b"\n":
                     data = b"\n" + data      # close a line torn by a crash
-                os.write(fd, data)
+                posix.write(fd, data)
                 if sync:
-                    os.fsync(fd)
+                    posix.fsync(fd)
             finally:
-                os.close(fd)
+                posix.close(fd)
         except OSError as e:
             raise SpoolError(f"unable to record state in {self.path}: {e.strerror}") from None
 
     def move(self, stage, sync=True):
         """Rename the message into another stage folder."""
-        target = os.path.join(self.spool.folder(stage), self.id)
+        target = pathenv.join(self.spool.folder(stage), self.id)
         try:
-            os.rename(self.path, target)
+            posix.rename(self.path, target)
             if sync:
                 fsync_dir(self.spool.folder(stage))
         except OSError as e:
@@ -524,7 +526,7 @@ class Message:
     def remove(self):
         """Delete the message: every recipient is done."""
         try:
-            os.unlink(self.path)
+            posix.unlink(self.path)
         except FileNotFoundError:
             pass
         self.unlock()
@@ -577,22 +579,22 @@ _sync_fds = {}         # .sync-STAGE path -> (the pid that opened it, its descri
 
 def _counters(fd):
     """(syncs started, start number of the last sync completed) from a .sync file."""
-    data = os.pread(fd, 40, 0)
+    data = posix.pread(fd, 40, 0)
     started = int(data[:20] or b"0")
     completed = int(data[20:40] or b"0")
     return started, completed
 
 
 def _no_link(path, flags):
-    """os.open for a queue file, never through a symbolic link: root's mailq and
+    """open(2) for a queue file, never through a symbolic link: root's mailq and
     masq-queue read a spool that masq owns (masq-system(7))."""
-    return os.open(path, flags | os.O_NOFOLLOW)
+    return posix.open(path, flags | posix.O_NOFOLLOW)
 
 
 def is_locked(path):
     """True if a live process holds the flock on this file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -601,7 +603,7 @@ def is_locked(path):
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _is_database(name):
@@ -616,9 +618,9 @@ def check(spool, repair=False):
     messages are moved to corrupt/, a torn state line is closed.
     """
     for name in spool.ids("tmp"):
-        path = os.path.join(spool.folder("tmp"), name)
+        path = pathenv.join(spool.folder("tmp"), name)
         try:
-            young = time.time() - os.stat(path).st_mtime < TMP_GRACE_SECONDS
+            young = time.time() - posix.stat(path).st_mtime < TMP_GRACE_SECONDS
         except FileNotFoundError:
             continue
         if young or is_locked(path):    # young: its writer may not have its lock yet
@@ -627,7 +629,7 @@ def check(spool, repair=False):
             ": removed" if repair else "")
         if repair:
             try:
-                os.unlink(path)
+                posix.unlink(path)
             except FileNotFoundError:
                 pass
     seen = {}
@@ -643,8 +645,8 @@ def check(spool, repair=False):
             except FormatError as e:
                 yield f"{stage}/{qid}: unreadable: {e}" + (": moved to corrupt/" if repair else "")
                 if repair:
-                    os.rename(os.path.join(spool.folder(stage), qid),
-                              os.path.join(spool.folder("corrupt"), qid))
+                    posix.rename(pathenv.join(spool.folder(stage), qid),
+                                 pathenv.join(spool.folder("corrupt"), qid))
                 continue
             except OSError as e:
                 yield f"{stage}/{qid}: unreadable: {e.strerror}"
@@ -654,11 +656,11 @@ def check(spool, repair=False):
                     ": closed" if repair else "")
                 if repair:
                     msg._append(b"", True)
-    for name in os.listdir(spool.path):
+    for name in posix.listdir(spool.path):
         if (name not in FOLDERS and name not in KNOWN_FILES and not name.startswith(".")
                 and not _is_database(name)):
             yield f"{name}: not part of a masq spool"
-    if not os.path.exists(spool.folder("VERSION")):
+    if not pathenv.exists(spool.folder("VERSION")):
         yield "VERSION: missing" + (": written" if repair else "")
         if repair:
             spool.create()

@@ -45,11 +45,11 @@ purgestat is -bH, rmail is -i and drops a leading UUCP "From " line,
 mailrm ID... removes messages from the queue.
 The message comes on stdin; exit codes are sysexits(3): masq-inject(8).
 """
-import os
+import posix
 import pwd
 import sys
 
-from masq import Error, cleanup, config, handoff, headers, program, spool
+from masq import Error, cleanup, config, handoff, headers, pathenv, program, spool
 from masq.envelope import Envelope
 from masq.program import Exit
 
@@ -254,7 +254,7 @@ def submit(conf, opts):
                                   hostname)
     head = added + section.encode(drop=("return-path", "bcc", "resent-bcc"))
     masq_uid = _system_uid(conf)
-    if masq_uid is not None and os.geteuid() != masq_uid:
+    if masq_uid is not None and posix.geteuid() != masq_uid:
         # system mode: only masq writes the spool; the drop file's owner says who we are
         from masq import drop       # only system mode's submissions load it
         name = drop.write(conf, cleanup.Body(head, source), Envelope(sender, recipients))
@@ -358,7 +358,7 @@ def _system_uid(conf):
 def _asks_daemon(conf):
     """System mode and neither root nor masq: mailq and runq go through the daemon."""
     masq_uid = _system_uid(conf)
-    return masq_uid is not None and os.geteuid() not in (0, masq_uid)
+    return masq_uid is not None and posix.geteuid() not in (0, masq_uid)
 
 
 def _ask(conf, request, down, down_code):
@@ -403,15 +403,16 @@ def smtp(conf, opts):
     """
     login, _ = cleanup.user()
     masq_uid = _system_uid(conf)
-    if masq_uid is not None and os.geteuid() != masq_uid:
-        if os.geteuid() != 0:
+    if masq_uid is not None and posix.geteuid() != masq_uid:
+        if posix.geteuid() != 0:
             raise Error("-bs runs as the masq user in system mode: other users submit "
                         "with sendmail, or SMTP to localhost port 25",
                         code=Exit.NOPERM, temporary=False)
         from masq import privilege
         privilege.drop(pwd.getpwuid(masq_uid))
     smtpd = _program("smtpd")
-    os.environ.update(MASQ_PROTO="esmtp", MASQ_USER=login)
+    pathenv.putenv("MASQ_PROTO", "esmtp")
+    pathenv.putenv("MASQ_USER", login)
     return smtpd.main(["-C", conf.file])
 
 
@@ -419,8 +420,8 @@ def fetch(conf, opts):
     """-g, -go: masq-fetch, run from beside this interpreter (its own process)."""
     args = ["-C", conf.file] + (["--route", opts.route] if opts.route
                                 else [] if opts.online else ["--all"])
-    path = os.path.join(os.path.dirname(sys.executable), "masq-fetch")
-    if not os.access(path, os.X_OK):
+    path = pathenv.join(pathenv.dirname(sys.executable), "masq-fetch")
+    if not posix.access(path, posix.X_OK):
         import shutil       # only when masq-fetch is not beside us
         path = shutil.which("masq-fetch")
         if not path:
@@ -428,7 +429,7 @@ def fetch(conf, opts):
                         temporary=False)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(path, [path, *args, *(["-v"] if opts.verbose else [])])
+    posix.execv(path, [path, *args, *(["-v"] if opts.verbose else [])])
 
 
 def remove(conf, opts):
