@@ -101,7 +101,8 @@ def certificate_subject(peercert):
 
 
 class RecipientPolicy:
-    """The recipients one session accepts; the aliases are read at the first local one."""
+    """The recipients one session accepts; the aliases are read at the first local one
+    (masq.smtpdconfig.aliases: again only when the file changed)."""
 
     def __init__(self, conf, client):
         self.conf = conf
@@ -136,10 +137,10 @@ class RecipientPolicy:
         """Why masq-local would refuse this local part at once (its own rule), or ""."""
         if address.unquote_local(local_part).lower() == "postmaster":
             return ""
-        from masq import localpart     # only a session that names a local recipient
+        from masq import localpart, smtpdconfig    # only a session that names a local one
         if self.aliases is None:
             try:
-                self.aliases = localpart.load_aliases(self.conf)
+                self.aliases = smtpdconfig.aliases(self.conf)
             except Error as e:
                 raise AliasesUnavailableError(f"unable to read the aliases: {e}") from None
         return localpart.recipient_problem(self.conf, self.aliases, local_part)

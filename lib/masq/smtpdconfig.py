@@ -8,17 +8,24 @@ conf_file() reads -C from masq-smtpd's or masq-qmtpd's arguments.
 tls_context() builds the server's SSLContext once per process and again
 only when the certificate or key file changed.  A listener that forks a
 session per connection (masq-tcpserver) calls preload() once; load() in
-the child then reuses that configuration while its file is unchanged
-(same size, mtime and inode) and reads it again otherwise.  The cache is
-this module's state, kept for the life of the process on purpose.
+the child then reuses that configuration and its settings while its file
+is unchanged (same size, mtime and inode) and reads it again otherwise.
+aliases() gives the aliases table for RCPT, read again only when the file
+changed (see there).  The caches are this module's state, kept for the
+life of the process on purpose.
 """
 import os
+import time
 
 from masq import Error, config, net
 
 TLS_MIN_VERSION = "TLSv1_2"
+# a file changed this recently may change again within its timestamp's
+# granularity without a new stamp: such a read is not kept (git's "racy" files)
+RECENT_CHANGE_NS = 2 * 10**9
 
-_preloaded = None                   # (config, file key) read by the listener
+_preloaded = None                   # (config, file key, settings or None) read by the listener
+_aliases = None                     # ((path, local domains), file stamp, Aliases) last read
 _tls_contexts = {}                  # (cert, key, client CA) -> (file keys, SSLContext)
 
 
@@ -40,7 +47,11 @@ def conf_file(argv, doc=None):
 
 def load(conf_file):
     """(configuration, settings): the listener's if still current, else read now."""
-    conf = _preloaded_config(conf_file) or config.load(conf_file)
+    preloaded = _preloaded_config(conf_file)
+    if preloaded is not None:
+        conf, settings = preloaded
+        return conf, settings or read_settings(conf)
+    conf = config.load(conf_file)
     return conf, read_settings(conf)
 
 
@@ -115,17 +126,22 @@ def preload(conf_file):
     global _preloaded
     try:
         conf = config.load(conf_file)
-        _preloaded = (conf, _file_key(conf.file))
+        _preloaded = (conf, _file_key(conf.file), None)
     except (Error, OSError):
         _preloaded = None           # each session will say what is wrong
         return
     try:
         settings = read_settings(conf)
+        _preloaded = (conf, _preloaded[1], settings)
         files = tls_files(conf, settings)
         if files:
             tls_context(*files)     # once here, not in each forked child
     except Error:
         return                      # each session will say what is wrong
+    try:
+        aliases(conf)
+    except Error:
+        pass                        # each session will say what is wrong
     # what greylisting and the DNS lists load at their first use (dnspython:
     # tens of ms), once here; a configuration without them loads none of it
     if settings["greylist"]:
@@ -138,11 +154,37 @@ def preload(conf_file):
         import dns.resolver         # noqa: F401
 
 
+def aliases(conf):
+    """The aliases table (masq.localpart.load_aliases), read again when the file changed.
+
+    A session reads the file as before: its stamp (inode, size, mtime,
+    ctime) is checked at each call, and a table read from a file changed
+    within RECENT_CHANGE_NS of the read is not kept, so a change that
+    leaves the stamp alone cannot go unseen.  AliasError when unreadable.
+    """
+    global _aliases
+    from masq import localpart
+    path = conf.path("aliases") or os.devnull
+    which = (path, tuple(conf.local_domains))
+    try:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None                # absent or unreadable: load() says which
+    if stamp is not None and _aliases is not None and _aliases[:2] == (which, stamp):
+        return _aliases[2]
+    table = localpart.load_aliases(conf)
+    if stamp is not None and time.time_ns() - st.st_ctime_ns > RECENT_CHANGE_NS:
+        _aliases = (which, stamp, table)
+    return table
+
+
 def _preloaded_config(conf_file):
-    """The listener's configuration, if it is the file we would read and unchanged."""
+    """(configuration, settings or None) of the listener, if it is the file we
+    would read and unchanged."""
     if _preloaded is None:
         return None
-    conf, key = _preloaded
+    conf, key, settings = _preloaded
     path = config.find(conf_file)
     try:
         if path != conf.file or _file_key(path) != key:
@@ -150,7 +192,7 @@ def _preloaded_config(conf_file):
     except OSError:
         return None
     os.environ["MASQ_CONF"] = path
-    return conf
+    return conf, settings
 
 
 def _file_key(path):

@@ -80,10 +80,11 @@ def main(argv=None):
 def preload(argv=()):
     """For masq-tcpserver: load once what each forked session would load itself.
 
-    The imports a session makes late (see there why), and the configuration
-    and TLS context (masq.smtpdconfig.preload).
+    The imports a session makes late (see there why), and the configuration,
+    TLS context and aliases (masq.smtpdconfig.preload).
     """
-    from masq import anvil, handoff, localpart, sasl  # noqa: F401 -- once, in the listener
+    from masq import (anvil, envelope, handoff, headers, localpart,  # noqa: F401 -- once,
+                      message, sasl, spool)                            # in the listener
     smtpdconfig.preload(smtpdconfig.conf_file(argv))
 
 

@@ -495,7 +495,6 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None, 
                     if conn is None:
                         break
                     _tell(status, b"b")
-                _restore_environ(environ)
                 _place(conn)
                 conn = None
                 code = program.run(runner, argv[1:])
@@ -506,6 +505,8 @@ def _start(conn, sock, argv, runner, close, alive=None, maxuse=1, channel=None, 
                 # keeps fds 0 and 1 taken, so the next accept cannot land there
                 _release_connection()
                 _cancel_alarm()
+                # for the next session, now rather than while a client waits
+                _restore_environ(environ)
     except BaseException:  # noqa: BLE001 -- a child must never return into the loop
         pass
     finally:
