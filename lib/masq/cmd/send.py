@@ -16,7 +16,9 @@ Without --once it is the daemon: woken by masq-queue through the spool's
 trigger FIFO after every enqueue, it retries deferred mail on a back-off
 schedule, rescans when the online routes change, and stops cleanly on SIGTERM
 (a delivery under way is finished first).  It runs 10 nice levels below
-where it was started, so that taking mail in gets the CPU first.  IDs limit a run to those messages.
+where it was started, so that taking mail in gets the CPU first, and shares
+a run of 16 or more due messages with a helper process (the second core).
+IDs limit a run to those messages.
 For each message: incoming -> active, masq-route's decision per recipient,
 local delivery in-process (or by masq-local: [local] deliver), SMTP by
 route in up to queue.parallel threads with one connection per destination,
@@ -42,6 +44,7 @@ from masq.program import Exit
 
 POLL_SECONDS = 60               # detect = "command" (or a failed watch): asked this often
 DAEMON_NICE = 10                # the daemon's deliveries yield the CPU to what takes mail in
+SPLIT_MESSAGES = 16             # a run of this many due messages is shared with a second process
 
 
 def main(argv=None):
@@ -168,6 +171,7 @@ class Daemon:
         self.next_look = None       # polling only: when to look again
         self.refilter = None        # when to filter again what a filter deferred
         self.files = self.links = None
+        self.helper = None          # the pid of split()'s helper while it runs
 
     def run(self):
         signal.signal(signal.SIGTERM, self._stop)
@@ -302,6 +306,11 @@ class Daemon:
 
     def _stop(self, signum, frame):
         self.stopping = True
+        if self.helper:
+            try:
+                os.kill(self.helper, signal.SIGTERM)
+            except OSError:
+                pass
         try:
             os.write(self.wfd, b"\0")     # select() is restarted after a handler (PEP 475)
         except OSError:
@@ -352,7 +361,8 @@ class Daemon:
             self.due[qid] = now
 
     def run_due(self):
-        """One run over the messages that are due, as runq makes them."""
+        """One run over the messages that are due, as runq makes them; a long
+        one shared with a second process (split())."""
         now = time.time()
         messages = []
         for qid in sorted(q for q, when in self.due.items() if when <= now):
@@ -362,16 +372,76 @@ class Daemon:
                 self.due.pop(qid, None)
         if not messages:
             return
+        helper = self.split(messages)
+        results = {}
+        try:
+            results = self.attempt(messages[::2] if helper else messages)
+        finally:
+            if helper:
+                self.join(*helper, results)
+        for qid, nxt in results.items():
+            if nxt is None:
+                self.due.pop(qid, None)
+            else:
+                self.due[qid] = nxt
+
+    def attempt(self, messages):
+        """Try each message once (masq.attempt): {qid: when it is due next, or None}."""
         runner = _runner(self.conf, self.queue, self.up or set(),
                          stopping=lambda: self.stopping)
         try:
-            for qid, nxt in runner.run(messages).items():
-                if nxt is None:
-                    self.due.pop(qid, None)
-                else:
-                    self.due[qid] = nxt
+            return runner.run(messages)
         finally:
             runner.close()
+
+    def split(self, messages):
+        """Fork a helper that tries every other message, so that a burst is
+        delivered on both cores: (pid, read end of its pipe, its messages), or None.
+
+        Only in single-user mode, from SPLIT_MESSAGES due messages on, and only
+        while no other thread runs.  A message is still tried by one process at
+        a time under its lock, and recorded as in any run: the split changes
+        no promise.  The helper writes "ID WHEN" per message to the pipe.
+        """
+        import threading
+        if len(messages) < SPLIT_MESSAGES or self.conf.get("user") \
+                or threading.active_count() > 1:
+            return None
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(wfd)
+            self.helper = pid           # SIGTERM is passed on to it
+            return pid, rfd, messages[1::2]
+        code = Exit.TEMPFAIL
+        try:
+            os.close(rfd)
+            results = self.attempt(messages[1::2])
+            data = "".join(f"{qid} {'-' if nxt is None else repr(nxt)}\n"
+                           for qid, nxt in results.items()).encode()
+            while data:
+                data = data[os.write(wfd, data):]
+            code = Exit.OK
+        except BaseException as e:  # noqa: BLE001 -- said in the log; the parent tries again
+            log.warn(f"queue run helper: {e}")
+        finally:
+            os._exit(code)
+
+    def join(self, pid, rfd, messages, results):
+        """Add the helper's results to ours, once it has exited.  A message it
+        did not report (it died, or was stopped first) is tried again after
+        queue.retry_min."""
+        with os.fdopen(rfd, "rb") as f:
+            lines = f.read().decode().split("\n")
+        os.waitpid(pid, 0)
+        self.helper = None
+        later = time.time() + self.conf.get("queue.retry_min")
+        theirs = {m.id: later for m in messages}
+        for line in lines:
+            qid, _, when = line.partition(" ")
+            if qid in theirs:
+                theirs[qid] = None if when == "-" else float(when)
+        results.update(theirs)
 
 
 
