@@ -122,8 +122,12 @@ def test_stopping_the_daemon_stops_its_helper(masq, tmp_path):
                     .replace('mda = "procmail -d {user}"', f'mda = "{mda}"'))
     queue_burst(masq, 40)
     proc = start(masq)
-    assert wait_for(lambda: children(proc.pid)), masq.log()
-    helpers = children(proc.pid)
+    try:
+        assert wait_for(lambda: children(proc.pid)), masq.log()
+        helpers = children(proc.pid)
+    except BaseException:
+        stop(proc)
+        raise
     started = time.monotonic()
     stop(proc)
     assert time.monotonic() - started < 5          # not the 20 deliveries of each half
