@@ -105,6 +105,7 @@ bench: compile
 	$(PY) bench/dkim_sign.py
 	$(PY) bench/pipe_lmtp.py
 	$(PY) bench/qmtp_large.py
+	$(PY) bench/daemon_drain.py --rounds 3 --count 600
 	$(PY) bench/smtpd_load.py --messages 10000 --pipelined 2000 --size 4096 \
 	  $(if $(SMTP_SOURCE),--smtp-source $(SMTP_SOURCE))
 	$(PY) bench/smtpd_load.py --maxuse 100 --messages 10000 --pipelined 2000 --size 4096 \

@@ -2,6 +2,7 @@
 delivered, once, and a helper killed mid-run loses nothing."""
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -134,3 +135,64 @@ def test_stopping_the_daemon_stops_its_helper(masq, tmp_path):
     assert not [p for p in helpers if os.path.exists(f"/proc/{p}")
                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
     assert masq.queue_ids()                        # what was not tried waits in the queue
+
+
+def test_mail_for_a_route_is_not_shared(masq):
+    """The helper opens no connection: queue.parallel holds for a burst to a smarthost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # closed once the block ends: connections refused
+    masq.set_config(open(masq.conf).read() + f'\n[route.isp]\nhost = "127.0.0.1:{port}"\n')
+    for i in range(20):
+        enqueue(masq, f"Subject: out {i}\n\nbody\n".encode(), "a@test.example",
+                ["carol@far.example"]).ok()
+    proc = start(masq)
+    try:
+        assert wait_for(lambda: masq.log().count("status=deferred") >= 20), masq.log()
+    finally:
+        stop(proc)
+    pids = {line.split("[", 1)[1].split("]", 1)[0]
+            for line in masq.log().splitlines() if "status=deferred" in line}
+    assert pids == {str(proc.pid)}, masq.log()
+
+
+def daemon_with_burst(masq, count):
+    from masq import config, spool
+    from masq.cmd import send
+    from masq.filter import promote
+    queue_burst(masq, count)
+    conf = config.load(masq.conf)
+    queue = spool.Spool(conf.path("spool"))
+    promote(conf, queue, ())
+    return send.Daemon(conf, queue), [spool.Message(queue, "active", q)
+                                      for q in queue.ids("active")]
+
+
+def test_a_fork_that_fails_leaves_the_run_to_the_daemon(masq, monkeypatch, capsys):
+    daemon, messages = daemon_with_burst(masq, 20)
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert daemon.split(messages) is None
+    assert set(os.listdir("/proc/self/fd")) == before          # the pipe is closed again
+    assert "unable to start a helper for the queue run" in capsys.readouterr().err
+
+
+def test_the_helpers_answers_are_read_whole_lines_only(masq):
+    daemon, messages = daemon_with_burst(masq, 4)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    r, w = os.pipe()
+    os.write(w, b"0 -\n1 1733360000.5\nx y\n9 -\n-1 -\n3 ")       # junk, and a cut last line
+    os.close(w)
+    results = {}
+    daemon.join(pid, r, messages, results)
+    later = time.time() + daemon.conf.get("queue.retry_min")
+    assert results[messages[0].id] is None
+    assert results[messages[1].id] == 1733360000.5
+    assert later - 5 < results[messages[2].id] <= later          # not reported: tried later
+    assert later - 5 < results[messages[3].id] <= later
+    assert daemon.helper is None

@@ -104,9 +104,14 @@ def _command_output(command):
     return p.stdout.decode("utf-8", "replace").split() if p.returncode == 0 else []
 
 
+def is_local(conf, recipient):
+    """Whether mail to `recipient` is delivered here: no domain, or a local one."""
+    return not address.domain_of(recipient) or address.is_local(recipient, conf.local_domains)
+
+
 def decide(conf, recipient, sender="", up=(), from_header=None, size=None):
     """The Decision for one recipient (of a message of `size` bytes, if known)."""
-    if not address.domain_of(recipient) or address.is_local(recipient, conf.local_domains):
+    if is_local(conf, recipient):
         return Decision("local")
     waiting, too_big, routes = None, None, []
     for name, table in conf.routes:

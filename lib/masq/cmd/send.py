@@ -17,7 +17,8 @@ trigger FIFO after every enqueue, it retries deferred mail on a back-off
 schedule, rescans when the online routes change, and stops cleanly on SIGTERM
 (a delivery under way is finished first).  It runs 10 nice levels below
 where it was started, so that taking mail in gets the CPU first, and shares
-a run of 16 or more due messages with a helper process (the second core).
+a run of 16 or more messages delivered here with a helper process (the
+second core).
 IDs limit a run to those messages.
 For each message: incoming -> active, masq-route's decision per recipient,
 local delivery in-process (or by masq-local: [local] deliver), SMTP by
@@ -44,7 +45,8 @@ from masq.program import Exit
 
 POLL_SECONDS = 60               # detect = "command" (or a failed watch): asked this often
 DAEMON_NICE = 10                # the daemon's deliveries yield the CPU to what takes mail in
-SPLIT_MESSAGES = 16             # a run of this many due messages is shared with a second process
+SPLIT_MESSAGES = 16             # this many due messages delivered here: a second process helps
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv=None):
@@ -174,8 +176,8 @@ class Daemon:
         self.helper = None          # the pid of split()'s helper while it runs
 
     def run(self):
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._stop)
         fifo = self.queue.folder("trigger")
         try:
             rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -373,9 +375,12 @@ class Daemon:
         if not messages:
             return
         helper = self.split(messages)
+        if helper:
+            taken = {m.id for m in helper[2]}
+            messages = [m for m in messages if m.id not in taken]
         results = {}
         try:
-            results = self.attempt(messages[::2] if helper else messages)
+            results = self.attempt(messages)
         finally:
             if helper:
                 self.join(*helper, results)
@@ -395,30 +400,52 @@ class Daemon:
             runner.close()
 
     def split(self, messages):
-        """Fork a helper that tries every other message, so that a burst is
-        delivered on both cores: (pid, read end of its pipe, its messages), or None.
+        """Fork a helper that tries every other message delivered only here, so
+        that a burst is delivered on both cores: (pid, read end of its pipe,
+        its messages), or None (this process tries them all).
 
-        Only in single-user mode, from SPLIT_MESSAGES due messages on, and only
-        while no other thread runs.  A message is still tried by one process at
-        a time under its lock, and recorded as in any run: the split changes
-        no promise.  The helper writes "ID WHEN" per message to the pipe.
+        Only in single-user mode, from SPLIT_MESSAGES such messages on, and
+        only while no other thread runs.  Mail for a route stays here: the
+        helper opens no connection, so queue.parallel holds.  A message is
+        still tried by one process at a time under its lock, and recorded as
+        in any run: the split changes no promise.  The helper writes "N WHEN"
+        to the pipe for the Nth of its messages.
         """
         import threading
-        if len(messages) < SPLIT_MESSAGES or self.conf.get("user") \
-                or threading.active_count() > 1:
+        if self.stopping or self.conf.get("user") or threading.active_count() > 1:
             return None
-        rfd, wfd = os.pipe()
-        pid = os.fork()
+        local = [m for m in messages
+                 if all(route.is_local(self.conf, m.recipients[i]) for i in m.pending())]
+        if len(local) < SPLIT_MESSAGES:
+            return None
+        theirs = local[1::2]
+        # a SIGTERM waits until the helper's pid is known, so that it is passed on
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            rfd, wfd = os.pipe()
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(rfd)
+                os.close(wfd)
+                raise
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            log.warn(f"unable to start a helper for the queue run: {e.strerror}; "
+                     "one process delivers")
+            return None
         if pid:
             os.close(wfd)
-            self.helper = pid           # SIGTERM is passed on to it
-            return pid, rfd, messages[1::2]
+            self.helper = pid
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            return pid, rfd, theirs
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         code = Exit.TEMPFAIL
         try:
             os.close(rfd)
-            results = self.attempt(messages[1::2])
-            data = "".join(f"{qid} {'-' if nxt is None else repr(nxt)}\n"
-                           for qid, nxt in results.items()).encode()
+            done = self.attempt(theirs)
+            data = "".join(f"{n} {'-' if done[m.id] is None else repr(done[m.id])}\n"
+                           for n, m in enumerate(theirs) if m.id in done).encode()
             while data:
                 data = data[os.write(wfd, data):]
             code = Exit.OK
@@ -427,22 +454,25 @@ class Daemon:
         finally:
             os._exit(code)
 
-    def join(self, pid, rfd, messages, results):
+    def join(self, pid, rfd, theirs, results):
         """Add the helper's results to ours, once it has exited.  A message it
         did not report (it died, or was stopped first) is tried again after
         queue.retry_min."""
         with os.fdopen(rfd, "rb") as f:
-            lines = f.read().decode().split("\n")
+            data = f.read()
+        self.helper = None          # before the wait: the pid may be reused after it
         os.waitpid(pid, 0)
-        self.helper = None
         later = time.time() + self.conf.get("queue.retry_min")
-        theirs = {m.id: later for m in messages}
-        for line in lines:
-            qid, _, when = line.partition(" ")
-            if qid in theirs:
-                theirs[qid] = None if when == "-" else float(when)
-        results.update(theirs)
-
+        due = [later] * len(theirs)
+        for line in data.split(b"\n")[:-1]:   # whole lines: a killed helper may cut the last
+            n, _, when = line.partition(b" ")
+            try:
+                n, when = int(n), None if when == b"-" else float(when)
+            except ValueError:
+                continue
+            if 0 <= n < len(due):
+                due[n] = when
+        results.update((m.id, when) for m, when in zip(theirs, due, strict=True))
 
 
 def fetch_on_up(conf, names):
