@@ -7,6 +7,7 @@ the code and both streams.  The `masq` fixture is a folder made by the real
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,6 +43,16 @@ def run(argv, input=b"", env=None, timeout=60, pass_fds=(), cwd=None, **kw):
     p = subprocess.run(argv, input=input, capture_output=True, env=env or clean_env(),
                        timeout=timeout, pass_fds=pass_fds, cwd=cwd, **kw)
     return Result(argv, p.returncode, p.stdout, p.stderr)
+
+
+def wait_for(predicate, seconds=20, poll=0.01):
+    """Poll a condition with a deadline (a daemon has no readiness fd): True once it holds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
 
 
 def enqueue(masq, message, sender, recipients, env=None):

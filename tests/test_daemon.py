@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BIN, enqueue
+from conftest import BIN, enqueue, wait_for
 from masq import config
 
 MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
@@ -27,15 +27,6 @@ def closed_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(predicate, seconds=20):
-    """Poll a condition with a deadline (the daemon has no readiness fd)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def with_route(masq, detect, online_keys="", route_keys=""):

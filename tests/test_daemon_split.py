@@ -6,16 +6,8 @@ import socket
 import subprocess
 import time
 
-from conftest import BIN, enqueue
+from conftest import BIN, enqueue, wait_for
 
-
-def wait_for(predicate, seconds=30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def queue_burst(masq, count):

@@ -4,11 +4,10 @@ import email.policy
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import BIN, enqueue, reap
+from conftest import BIN, enqueue, reap, wait_for
 
 MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
 
@@ -114,15 +113,6 @@ def test_mail_for_an_offline_route_waits_without_bouncing(masq):
     runq(masq)
     assert masq.queue_ids("hold") == [qid]
 
-
-def wait_for(predicate, seconds=20):
-    """Poll a condition with a deadline (the daemon has no readiness fd)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_daemon_is_woken_by_each_enqueue_and_stops_on_sigterm(masq):
