@@ -9,7 +9,6 @@ import time
 from conftest import BIN, enqueue, wait_for
 
 
-
 def queue_burst(masq, count):
     for i in range(count):
         enqueue(masq, f"From: a@test.example\nSubject: burst {i}\n\nbody {i}\n".encode(),
