@@ -29,7 +29,7 @@ BIN = os.path.dirname(sys.executable)
 def drain(send, count):
     with tempfile.TemporaryDirectory() as d:
         env = setup(f"{d}/m")
-        fill(f"{d}/m", env, count)
+        fill(env, count)
         new = f"{d}/m/mail/bob/new"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()

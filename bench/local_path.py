@@ -19,8 +19,9 @@ BIN = os.path.dirname(sys.executable)
 BODY = (b"x" * 76 + b"\n") * 52          # 4 KiB of body
 
 
-def setup(folder):
-    subprocess.run([f"{BIN}/masq-setup", "local-only", folder, "--hostname", "bench.example"],
+def setup(folder, hostname="bench.example"):
+    """A masq-setup local-only folder; the environment its programs run with."""
+    subprocess.run([f"{BIN}/masq-setup", "local-only", folder, "--hostname", hostname],
                    check=True, capture_output=True)
     return {"PATH": f"{BIN}:/usr/bin:/bin", "MASQ_CONF": f"{folder}/masq.toml",
             "HOME": os.environ.get("HOME", "/")}
@@ -37,7 +38,7 @@ def timed(argv, env, stdin=b""):
     return time.perf_counter() - t0, children_cpu() - cpu0
 
 
-def fill(folder, env, count):
+def fill(env, count, rcpt="bob@localhost"):
     """Queue `count` 4-KiB messages with the library (not timed)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
     os.environ["MASQ_CONF"] = env["MASQ_CONF"]
@@ -47,7 +48,7 @@ def fill(folder, env, count):
     conf = config.load(env["MASQ_CONF"])
     for i in range(count):
         msg = b"Subject: bench %d\nFrom: a@bench.example\n\n" % i + BODY
-        enqueue(conf, io.BytesIO(msg), envelope.Envelope("a@bench.example", ["bob@localhost"]),
+        enqueue(conf, io.BytesIO(msg), envelope.Envelope("a@bench.example", [rcpt]),
                 {"proto": "local", "user": "bench"})
 
 
@@ -73,7 +74,7 @@ def runq_1000(rounds):
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as d:
             env = setup(f"{d}/m")
-            fill(f"{d}/m", env, 1000)
+            fill(env, 1000)
             wall, cpu = timed([f"{BIN}/masq-send", "--once"], env)
             assert len(os.listdir(f"{d}/m/mail/bob/new")) == 1000
             rates.append(1000 / wall)

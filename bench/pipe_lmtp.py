@@ -12,7 +12,6 @@ Dovecot (dovecot-lmtpd) runs in the foreground from a configuration written
 here; its LMTP deliveries are fsynced by Dovecot (fsync_mode default).
 Prints a Markdown table for bench/README.md.
 """
-import io
 import os
 import pwd
 import shutil
@@ -23,8 +22,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(__file__))
+from local_path import fill, setup  # noqa: E402
+
 BIN = os.path.dirname(sys.executable)
-BODY = (b"x" * 76 + b"\n") * 52          # 4 KiB of body
 DOVECOT = """protocols = lmtp
 base_dir = {d}/run
 state_dir = {d}/state
@@ -54,26 +55,6 @@ service anvil {{
   chroot =
 }}
 """
-
-
-def setup(folder, hostname="bench.example"):
-    subprocess.run([f"{BIN}/masq-setup", "local-only", folder, "--hostname", hostname],
-                   check=True, capture_output=True)
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "MASQ_CONF": f"{folder}/masq.toml",
-            "HOME": os.environ.get("HOME", "/")}
-
-
-def fill(env, count, rcpt):
-    """Queue `count` 4-KiB messages with the library (not timed)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-    os.environ["MASQ_CONF"] = env["MASQ_CONF"]
-    from masq import config, envelope
-    from masq.handoff import enqueue
-    conf = config.load(env["MASQ_CONF"])
-    for i in range(count):
-        msg = b"Subject: bench %d\nFrom: a@bench.example\n\n" % i + BODY
-        enqueue(conf, io.BytesIO(msg), envelope.Envelope("a@bench.example", [rcpt]),
-                {"proto": "local", "user": "bench"})
 
 
 def runq(env):
