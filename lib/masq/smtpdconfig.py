@@ -9,7 +9,7 @@ tls_context() builds the server's SSLContext once per process and again
 only when the certificate or key file changed.  A listener that forks a
 session per connection (masq-tcpserver) calls preload() once; load() in
 the child then reuses that configuration and its settings while its file
-is unchanged (same size, mtime and inode) and reads it again otherwise.
+is unchanged (same inode, size and times) and reads it again otherwise.
 aliases() gives the aliases table for RCPT, read again only when the file
 changed (see there).  The caches are this module's state, kept for the
 life of the process on purpose.
@@ -157,8 +157,8 @@ def preload(conf_file):
 def aliases(conf):
     """The aliases table (masq.localpart.load_aliases), read again when the file changed.
 
-    A session reads the file as before: its stamp (inode, size, mtime,
-    ctime) is checked at each call, and a table read from a file changed
+    A session reads the file as before: its _file_key() (inode, size, times)
+    is checked at each call, and a table read from a file changed
     within RECENT_CHANGE_NS of the read is not kept, so a change that
     leaves the stamp alone cannot go unseen.  AliasError when unreadable.
     """
@@ -167,14 +167,13 @@ def aliases(conf):
     path = conf.path("aliases") or os.devnull
     which = (path, tuple(conf.local_domains))
     try:
-        st = os.stat(path)
-        stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stamp = _file_key(path)
     except OSError:
         stamp = None                # absent or unreadable: load() says which
     if stamp is not None and _aliases is not None and _aliases[:2] == (which, stamp):
         return _aliases[2]
     table = localpart.load_aliases(conf)
-    if stamp is not None and time.time_ns() - st.st_ctime_ns > RECENT_CHANGE_NS:
+    if stamp is not None and time.time_ns() - stamp[-1] > RECENT_CHANGE_NS:   # its ctime
         _aliases = (which, stamp, table)
     return table
 
@@ -196,5 +195,6 @@ def _preloaded_config(conf_file):
 
 
 def _file_key(path):
+    """(inode, device, size, mtime, ctime): a file written or replaced gets a new key."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
