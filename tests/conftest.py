@@ -5,6 +5,7 @@ the code and both streams.  The `masq` fixture is a folder made by the real
 `masq-setup local-only` in tmp_path.
 """
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,13 @@ def run(argv, input=b"", env=None, timeout=60, pass_fds=(), cwd=None, **kw):
     p = subprocess.run(argv, input=input, capture_output=True, env=env or clean_env(),
                        timeout=timeout, pass_fds=pass_fds, cwd=cwd, **kw)
     return Result(argv, p.returncode, p.stdout, p.stderr)
+
+
+def free_port():
+    """A loopback TCP port nobody listens on (connecting is refused), for a server to take."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, seconds=20, poll=0.01):

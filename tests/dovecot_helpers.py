@@ -16,13 +16,9 @@ import socket
 import subprocess
 import time
 
+from conftest import free_port
+
 START_SECONDS = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Dovecot:

@@ -7,13 +7,12 @@ to a port where nothing listens, so that a delivery attempt is a log line
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import BIN, enqueue, wait_for
+from conftest import BIN, enqueue, free_port, wait_for
 from masq import config
 
 MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
@@ -21,18 +20,11 @@ MESSAGE = b"From: alice@test.example\nSubject: hello\n\nbody line\n"
 SELECT_CALLS = {"23", "270", "72"}
 
 
-def closed_port():
-    """A loopback port where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 def with_route(masq, detect, online_keys="", route_keys=""):
     text = open(masq.conf).read().replace('detect = "always"', f'detect = "{detect}"\n'
                                           + online_keys)
-    masq.set_config(text + f'\n[route.isp]\nhost = "127.0.0.1:{closed_port()}"\n{route_keys}')
+    masq.set_config(text + f'\n[route.isp]\nhost = "127.0.0.1:{free_port()}"\n{route_keys}')
     problems = config.check(masq.conf)
     if problems:        # the schema (masq.schema) has to know the keys this test uses
         pytest.fail("masq.toml refused: " + "; ".join(problems))

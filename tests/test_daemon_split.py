@@ -2,11 +2,11 @@
 delivered, once, and a helper killed mid-run loses nothing."""
 import os
 import signal
-import socket
 import subprocess
+import threading
 import time
 
-from conftest import BIN, enqueue, wait_for
+from conftest import BIN, enqueue, free_port, wait_for
 
 
 def queue_burst(masq, count):
@@ -130,10 +130,8 @@ def test_stopping_the_daemon_stops_its_helper(masq, tmp_path):
 
 def test_mail_for_a_route_is_not_shared(masq):
     """The helper opens no connection: queue.parallel holds for a burst to a smarthost."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]       # closed once the block ends: connections refused
-    masq.set_config(open(masq.conf).read() + f'\n[route.isp]\nhost = "127.0.0.1:{port}"\n')
+    masq.set_config(open(masq.conf).read()
+                    + f'\n[route.isp]\nhost = "127.0.0.1:{free_port()}"\n')     # refused
     for i in range(20):
         enqueue(masq, f"Subject: out {i}\n\nbody\n".encode(), "a@test.example",
                 ["carol@far.example"]).ok()
@@ -166,6 +164,8 @@ def test_a_fork_that_fails_leaves_the_run_to_the_daemon(masq, monkeypatch, capsy
         raise BlockingIOError(11, "Resource temporarily unavailable")
     before = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(os, "fork", no_fork)
+    # threads other tests left in this process would make split() not even try
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     assert daemon.split(messages) is None
     assert set(os.listdir("/proc/self/fd")) == before          # the pipe is closed again
     assert "unable to start a helper for the queue run" in capsys.readouterr().err

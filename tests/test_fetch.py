@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-from conftest import BIN, listen_trigger, reap
-from dovecot_helpers import Dovecot, free_port
+from conftest import BIN, free_port, listen_trigger, reap
+from dovecot_helpers import Dovecot
 from smtp_helpers import AioServer, Recorder
 
 pytest_plugins = ["sysroot"]        # the sysroot fixture: system mode as root

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import Masq, clean_env, reap, run
+from conftest import Masq, clean_env, free_port, reap, run
 
 from masq import config, local
 
@@ -90,7 +90,7 @@ class Dovecot:
             os.chown(self.mail, uid, gid)
         else:
             uid, gid = os.getuid(), os.getgid()
-        self.port = _free_port()
+        self.port = free_port()
         with open(self.users, "w") as f:
             for entry in USERS:
                 name, _, extra = entry.partition(":")
@@ -153,12 +153,6 @@ class Dovecot:
                 pass
         reap(self.proc)
         shutil.rmtree(self.mail, ignore_errors=True)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_name(gid):

@@ -12,7 +12,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import BIN, Masq, clean_env, enqueue, listen_trigger, reap, run
+from conftest import BIN, Masq, clean_env, enqueue, free_port, listen_trigger, reap, run
 from smtp_helpers import AioServer, Recorder, Sink, authenticator, tls_contexts, top_config
 from test_smtp_client import dns  # noqa: F401 -- the dnsmasq fixture
 
@@ -218,10 +218,7 @@ def test_wrapper_route_through_socat(masq, servers):
 
 
 def test_local_and_remote_recipients_of_one_message_each_go_once(masq, sinks):
-    import socket
-    with socket.socket() as s:          # a port nobody listens on: refused
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()                  # nobody listens there: refused
     plain_route(masq, dead)
     enqueue(masq, MESSAGE, "alice@test.example", ["bob@localhost", "x@remote.example"]).ok()
     masq.run(["masq-send", "--once"]).ok()
@@ -448,13 +445,6 @@ def test_the_daemon_sends_by_route_over_one_connection(masq, sinks):
 
 # -- issue 9: routes coming up, fall-through, last_route, connect_error_fail --------------
 
-def dead_port():
-    """A loopback port nobody listens on: connecting is refused."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def two_routes(masq, primary_port, backup_port, **primary_keys):
     route(masq, "primary", host=f'"127.0.0.1:{primary_port}"', tls='"none"', **primary_keys)
@@ -484,7 +474,7 @@ def test_issue9_last_route_keeps_mail_deferred_on_its_route(masq, sinks):
 
 
 def test_issue9_deferred_on_every_route_names_each_in_mailq(masq):
-    two_routes(masq, dead_port(), dead_port())
+    two_routes(masq, free_port(), free_port())
     enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
     masq.run(["masq-send", "--once"]).ok()
     listing = cmd(masq, "mailq").ok().out.decode()
@@ -495,7 +485,7 @@ def test_issue9_deferred_on_every_route_names_each_in_mailq(masq):
 @pytest.mark.parametrize("greeting, bounced", [(None, True), (b"421 4.3.2 busy", False)])
 def test_issue9_connect_error_fail_bounces_a_connection_error_only(masq, sinks,
                                                                     greeting, bounced):
-    port = sinks(greeting=greeting).port if greeting else dead_port()
+    port = sinks(greeting=greeting).port if greeting else free_port()
     plain_route(masq, port, connect_error_fail="true")
     enqueue(masq, MESSAGE, "alice@test.example", ["bob@remote.example"]).ok()
     masq.run(["masq-send", "--once"]).ok()
@@ -509,7 +499,7 @@ def test_issue9_connect_error_fail_bounces_a_connection_error_only(masq, sinks,
 
 
 def test_issue9_connect_error_fail_must_be_a_boolean(masq):
-    plain_route(masq, dead_port(), connect_error_fail='"yes"')
+    plain_route(masq, free_port(), connect_error_fail='"yes"')
     r = masq.run(["masq-send", "--once"])      # the schema refuses the file at start
     assert r.rc == 78 and b"connect_error_fail must be true or false" in r.err, r
 

@@ -5,6 +5,7 @@ import socket
 
 import dns_helpers
 import pytest
+from conftest import free_port
 from smtp_helpers import AioServer, Recorder, Sink, authenticator, tls_contexts, top_config
 
 MESSAGE = (b"From: a@b.example\nTo: ok@x.example\nSubject: hi\n\n"
@@ -164,9 +165,7 @@ def test_message_bigger_than_server_size_fails_permanently(masq, servers):
 
 
 def test_connection_refused_is_temporary(masq):
-    with socket.socket() as s:          # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                  # nobody listens there
     route(masq, host=f"127.0.0.1:{port}", tls="none")
     out = lines(smtp(masq, "--route", "isp", "a@b.example", "r1@x.example", "r2@x.example"))
     assert len(out) == 2

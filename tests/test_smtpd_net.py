@@ -10,7 +10,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import BIN, run
+from conftest import BIN, free_port, run
 from smtpd_helpers import Listener, body, reply_lines, spool_messages, tmp_files
 
 KINDS = ["masq", "ucspi"]
@@ -194,9 +194,7 @@ def test_masq_tcpserver_usage(masq):
 @pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
                     reason="no systemd-socket-activate")
 def test_systemd_socket_activation(masq):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(["systemd-socket-activate", "--inetd", "--accept",
                              "-E", f"MASQ_CONF={masq.conf}",
                              "-l", f"127.0.0.1:{port}", os.path.join(BIN, "masq-smtpd")],

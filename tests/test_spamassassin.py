@@ -10,14 +10,13 @@ would on a real host.  GTUBE is SpamAssassin's test string (score 1000).
 """
 import os
 import shutil
-import socket
 import subprocess
 import time
 import tomllib
 
 import pytest
 
-from conftest import clean_env, enqueue, reap
+from conftest import clean_env, enqueue, free_port, reap
 
 PAGE = os.path.join(os.path.dirname(__file__), "..", "man", "masq-filter.7")
 SPAMC = "/usr/bin/spamc"
@@ -65,12 +64,6 @@ def refuse_recipe(folder):
         f.write(literal_after(".Pa /usr/local/lib/masq/spam-refuse"))
     os.chmod(path, 0o755)
     return f'[queue]\nfilters = ["{path}"]'
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spamc_for(folder, port):

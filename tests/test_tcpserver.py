@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, free_port
 
 
 def cpu_seconds(pid):
@@ -226,9 +226,7 @@ def test_a_session_served_after_another_starts_afresh(masq, daemon_listens):
 @pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
                     reason="no systemd-socket-activate")
 def test_a_socket_systemd_passes_is_served_and_host_port_not_bound(masq, daemon_listens):
-    with socket.socket() as s:                  # a free port for systemd's socket
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                          # for systemd's socket
     # Accept=no, as masq-smtpd.socket: the listening socket is masq-tcpserver's fd 3
     server = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
                                "-E", f"MASQ_CONF={masq.env()['MASQ_CONF']}",
