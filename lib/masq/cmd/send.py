@@ -411,12 +411,12 @@ class Daemon:
         in any run: the split changes no promise.  The helper writes "N WHEN"
         to the pipe for the Nth of its messages.
         """
-        import threading
-        if self.stopping or self.conf.get("user") or threading.active_count() > 1:
+        if self.stopping or self.conf.get("user") or len(messages) < SPLIT_MESSAGES:
             return None
         local = [m for m in messages
                  if all(route.is_local(self.conf, m.recipients[i]) for i in m.pending())]
-        if len(local) < SPLIT_MESSAGES:
+        import threading    # only now: an idle daemon holds what waiting needs
+        if len(local) < SPLIT_MESSAGES or threading.active_count() > 1:
             return None
         theirs = local[1::2]
         # a SIGTERM waits until the helper's pid is known, so that it is passed on
